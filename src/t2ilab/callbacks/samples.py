@@ -1,0 +1,123 @@
+"""Validation samples: the same prompts and seeds every N steps and at the end, as PNG grids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from t2ilab.models.pipelines import make_sampler
+from t2ilab.utils.atomic import save_image_atomic
+from t2ilab.utils.images import make_grid
+
+log = logging.getLogger(__name__)
+
+
+class SampleGridCallback(L.Callback):
+    """Generates `prompts` (templates over the module's `prompt_vars`, e.g. {identifier}) with
+    fixed seeds, one grid row per prompt, saved as samples/step_XXXXXX.png and logged to W&B."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        output_dir: str,
+        every_n_steps: int = 0,
+        at_end: bool = True,
+        images_per_prompt: int = 2,
+        seed: int = 0,
+        scheduler: str = "DDIMScheduler",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+    ):
+        self.prompts = list(prompts)
+        self.output_dir = Path(output_dir)
+        self.every_n_steps = every_n_steps
+        self.at_end = at_end
+        self.images_per_prompt = images_per_prompt
+        self.seed = seed
+        self.scheduler = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.resolution = resolution
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if (
+            self.every_n_steps
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        ):
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    def sample(self, trainer, pl_module) -> Path | None:
+        if not self.prompts:
+            return None
+        self._last_step = trainer.global_step
+        prompts = [p.format(**pl_module.prompt_vars) for p in self.prompts]
+        images = generate_images(
+            pl_module,
+            prompts,
+            self.images_per_prompt,
+            self.seed,
+            self.scheduler,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.resolution,
+        )
+        grid = make_grid(images, rows=len(prompts), captions=prompts)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"step_{trainer.global_step:06d}.png"
+        save_image_atomic(grid, path)
+        log.info("samples: %s", path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    "samples", [grid], step=trainer.global_step, caption=[" | ".join(prompts)]
+                )
+        return path
+
+
+@torch.no_grad()
+def generate_images(
+    module, prompts, images_per_prompt, seed, scheduler_name, steps, guidance_scale, resolution=None
+):
+    """Images for each prompt with seeds seed..seed+k-1, from the module's current weights and
+    the schedule it is trained with."""
+    from t2ilab.noise import inference_scheduler_config
+
+    was_training = module.training
+    module.eval()
+    try:
+        sampler = make_sampler(
+            scheduler_name, inference_scheduler_config(module.noise_scheduler, module.noise)
+        )
+        pipe = module.pipeline(sampler)
+        images = []
+        for prompt in prompts:
+            generators = [
+                torch.Generator(device="cpu").manual_seed(seed + i)
+                for i in range(images_per_prompt)
+            ]
+            images += pipe(
+                prompt=[prompt] * images_per_prompt,
+                generator=generators,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+            ).images
+        return images
+    finally:
+        module.train(was_training)

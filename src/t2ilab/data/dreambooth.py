@@ -1,0 +1,195 @@
+"""DreamBooth data: instance images of the subject, plus class images for prior preservation.
+
+A batch holds B instance examples followed by B class examples (when prior preservation is on),
+so the shared diffusion step can split the per-sample loss at `num_instance`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from t2ilab.data.identifier import pick_rare_identifier, validate_identifier_in_prompt
+from t2ilab.data.images import ImageTransform, list_images, load_rgb
+from t2ilab.errors import UserError
+
+
+@dataclass(frozen=True)
+class DreamBoothPrompts:
+    identifier: str
+    class_noun: str | None
+    instance_prompt: str
+    class_prompt: str | None
+
+
+def resolve_prompts(
+    *,
+    identifier: str | None,
+    class_noun: str | None,
+    instance_prompt: str | None,
+    instance_prompt_template: str,
+    class_prompt: str | None,
+    with_prior_preservation: bool,
+    tokenizer=None,
+    seed: int = 0,
+) -> DreamBoothPrompts:
+    """The instance and class prompts, with a rare-token identifier picked by seed if none is
+    given (DreamBooth sec. 4.1). Raises UserError on inconsistent prompts."""
+    if with_prior_preservation and not (class_noun or class_prompt):
+        raise UserError(
+            "prior preservation needs a class: set data.class_noun=NOUN (e.g. dog) or "
+            "data.class_prompt='a photo of a dog', or turn it off with method.prior_preservation=false"
+        )
+    if not identifier:
+        if tokenizer is None:
+            raise UserError(
+                "data.identifier is empty: set data.identifier=sks or another rare token"
+            )
+        identifier = pick_rare_identifier(tokenizer, seed=seed)
+    if instance_prompt is None:
+        if "{identifier}" not in instance_prompt_template:
+            raise UserError(
+                f"data.instance_prompt_template={instance_prompt_template!r} has no {{identifier}}: "
+                "add it, e.g. 'a photo of {identifier} {class_noun}'"
+            )
+        if "{class_noun}" in instance_prompt_template and not class_noun:
+            raise UserError(
+                "data.instance_prompt_template uses {class_noun} but data.class_noun is not set: "
+                "set data.class_noun=NOUN (e.g. dog)"
+            )
+        instance_prompt = instance_prompt_template.format(
+            identifier=identifier, class_noun=class_noun
+        )
+    try:
+        validate_identifier_in_prompt(instance_prompt, identifier)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if with_prior_preservation and class_prompt is None:
+        class_prompt = f"a photo of {class_noun}"
+    return DreamBoothPrompts(identifier, class_noun, instance_prompt, class_prompt)
+
+
+def prompt_slug(prompt: str) -> str:
+    """A folder name for a class prompt: class images are keyed by the prompt that made them."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:80] or "prompt"
+
+
+def tokenize(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(
+        prompt,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids[0]
+
+
+class DreamBoothDataset(Dataset):
+    """Cycles instance images (and class images, independently) for max(n_instance, n_class)."""
+
+    def __init__(
+        self,
+        instance_images: list[Path],
+        instance_prompt: str,
+        tokenizer,
+        transform: ImageTransform,
+        class_images: list[Path] | None = None,
+        class_prompt: str | None = None,
+    ):
+        self.instance_images = list(instance_images)
+        self.class_images = list(class_images or [])
+        self.transform = transform
+        self.instance_ids = tokenize(tokenizer, instance_prompt)
+        self.class_ids = tokenize(tokenizer, class_prompt) if self.class_images else None
+        self.instance_prompt = instance_prompt
+        self.class_prompt = class_prompt
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_images))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.instance_images[index % len(self.instance_images)]
+        example = {
+            "instance_pixels": self.transform(load_rgb(path)),
+            "instance_ids": self.instance_ids,
+        }
+        if self.class_images:
+            class_path = self.class_images[index % len(self.class_images)]
+            example["class_pixels"] = self.transform(load_rgb(class_path))
+            example["class_ids"] = self.class_ids
+        return example
+
+
+def collate_dreambooth(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+    pixels = [e["instance_pixels"] for e in examples]
+    ids = [e["instance_ids"] for e in examples]
+    if "class_pixels" in examples[0]:
+        pixels += [e["class_pixels"] for e in examples]
+        ids += [e["class_ids"] for e in examples]
+    return {
+        "pixel_values": torch.stack(pixels),
+        "input_ids": torch.stack(ids),
+        "num_instance": len(examples),
+    }
+
+
+class DreamBoothDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        instance_dir: str,
+        class_dir: str | None = None,
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        **_prompt_keys,  # identifier, class_noun, prompts...: resolved by resolve_prompts()
+    ):
+        super().__init__()
+        self.instance_dir = Path(instance_dir).expanduser()
+        self.class_dir = Path(class_dir).expanduser() if class_dir else None
+        self.transform = ImageTransform(resolution, center_crop, random_flip)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.prompts: DreamBoothPrompts | None = None
+        self.num_class_images = 0
+
+    def bind(self, tokenizer, prompts: DreamBoothPrompts, num_class_images: int) -> None:
+        """Give the datamodule what is only known once the model's tokenizer is loaded."""
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.num_class_images = num_class_images
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None or self.prompts is None:
+            raise RuntimeError(
+                "DreamBoothDataModule.bind(tokenizer, prompts, ...) must run before setup"
+            )
+        class_images = None
+        if self.prompts.class_prompt is not None and self.num_class_images > 0:
+            class_images = list_images(self.class_dir)[: self.num_class_images]
+        self.dataset = DreamBoothDataset(
+            list_images(self.instance_dir),
+            self.prompts.instance_prompt,
+            self.tokenizer,
+            self.transform,
+            class_images,
+            self.prompts.class_prompt,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=collate_dreambooth,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+        )

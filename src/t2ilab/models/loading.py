@@ -1,0 +1,135 @@
+"""Stable-Diffusion-shaped backbones (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTokenizer) from a hub id, a local diffusers folder, or a tiny config built with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from t2ilab.errors import UserError
+from t2ilab.models.clip_tokenizer import build_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StableDiffusionComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def is_local_reference(pretrained: str) -> bool:
+    """A path the user meant as a folder (rather than a hub id like `org/name`)."""
+    p = Path(pretrained).expanduser()
+    return (
+        p.exists() or pretrained.startswith(("/", "./", "../", "~")) or pretrained.count("/") != 1
+    )
+
+
+def check_pretrained_reference(pretrained: str, revision: str | None = None) -> dict[str, Any]:
+    """Fail fast, before weights load, on a reference that is not a diffusers pipeline.
+
+    Returns the VAE config (small JSON) so callers can check the resolution.
+    """
+    if is_local_reference(pretrained):
+        folder = Path(pretrained).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise UserError(
+                f"model.pretrained={pretrained} is not a diffusers folder (no model_index.json): "
+                "point it at a folder written by pipeline.save_pretrained(), or use a hub id "
+                "such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
+        vae_config = folder / "vae" / "config.json"
+        return json.loads(vae_config.read_text()) if vae_config.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(pretrained, "model_index.json", revision=revision)
+        return json.loads(
+            Path(hf_hub_download(pretrained, "vae/config.json", revision=revision)).read_text()
+        )
+    except Exception as err:  # offline, unknown repo, gated repo: all need the same fix
+        raise UserError(
+            f"model.pretrained={pretrained} could not be fetched from the Hugging Face hub "
+            f"({type(err).__name__}): check the id and your network/HF_TOKEN, or download it once "
+            f"(huggingface-cli download {pretrained} --local-dir DIR) and set model.pretrained=DIR"
+        ) from None
+
+
+def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
+    """Pixels per latent along each side, known before any weights load."""
+    model_cfg = _plain(model_cfg)
+    if model_cfg.get("pretrained"):
+        vae_config = check_pretrained_reference(model_cfg["pretrained"], model_cfg.get("revision"))
+    else:
+        vae_config = model_cfg["tiny"]["vae"]
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def _source(model_cfg: dict[str, Any]) -> str:
+    pretrained = model_cfg["pretrained"]
+    return str(Path(pretrained).expanduser()) if is_local_reference(pretrained) else pretrained
+
+
+def load_tokenizer(model_cfg: DictConfig | dict) -> CLIPTokenizer:
+    """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
+    model_cfg = _plain(model_cfg)
+    if model_cfg.get("pretrained"):
+        return CLIPTokenizer.from_pretrained(
+            _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
+        )
+    if model_cfg.get("tiny"):
+        max_length = model_cfg["tiny"]["text_encoder"]["max_position_embeddings"]
+        return build_clip_tokenizer(model_max_length=max_length)
+    raise UserError(f"model '{model_cfg.get('name')}' sets neither model.pretrained nor model.tiny")
+
+
+def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDiffusionComponents:
+    model_cfg = _plain(model_cfg)
+    tokenizer = tokenizer or load_tokenizer(model_cfg)
+    if model_cfg.get("pretrained"):
+        return _load_pretrained(model_cfg, tokenizer)
+    return build_tiny_sd(model_cfg["tiny"], tokenizer)
+
+
+def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionComponents:
+    source = _source(model_cfg)
+    kwargs = {"revision": model_cfg.get("revision")}
+    weights = dict(kwargs, variant=model_cfg.get("variant"))
+    log.info("loading %s", source)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+    scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs))
+    return StableDiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler_config)
+
+
+def build_tiny_sd(tiny_cfg: dict[str, Any], tokenizer=None) -> StableDiffusionComponents:
+    """A small SD-shaped model from config, identical for the same seed on any machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tiny_cfg.get("seed", 0)))
+        unet = UNet2DConditionModel(**tiny_cfg["unet"])
+        vae = AutoencoderKL(**tiny_cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_cfg["text_encoder"]))
+    # The real CLIP BPE vocabulary, so identifiers like "sks" tokenize exactly as in SD.
+    max_length = tiny_cfg["text_encoder"]["max_position_embeddings"]
+    tokenizer = tokenizer or build_clip_tokenizer(model_max_length=max_length)
+    return StableDiffusionComponents(
+        unet, vae, text_encoder, tokenizer, dict(tiny_cfg["scheduler"])
+    )

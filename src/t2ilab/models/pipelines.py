@@ -1,0 +1,38 @@
+"""Building diffusers pipelines and samplers from trained components."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+from diffusers import StableDiffusionPipeline
+
+from t2ilab.errors import UserError
+
+
+def make_sampler(name: str, config: dict[str, Any]):
+    """A diffusers scheduler class by name (DDIMScheduler, DPMSolverMultistepScheduler, ...)."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(
+            f"sampling.scheduler={name} is not a diffusers scheduler: use e.g. DDIMScheduler, "
+            "DPMSolverMultistepScheduler, EulerDiscreteScheduler or PNDMScheduler"
+        )
+    # Most pipeline scheduler configs (PNDM in SD 1.x) predate `clip_sample`; latents of
+    # latent diffusion must not be clipped, and DDIM warns loudly when the key is missing.
+    return cls.from_config({"clip_sample": False, **dict(config)})
+
+
+def build_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

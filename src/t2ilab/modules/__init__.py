@@ -1,0 +1,1 @@
+"""LightningModules: one base with the shared diffusion step, small subclasses per method."""

@@ -1,0 +1,143 @@
+"""The one diffusion training step every method shares.
+
+Encode (or take) latents, sample noise and timesteps, noise the latents, build the target by
+prediction type, predict, and reduce the per-sample loss with optional Min-SNR weights and the
+prior-preservation split. A subclass says what is trainable and how conditioning is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from t2ilab.modules.losses import per_sample_mse, prior_preservation_loss
+from t2ilab.noise import (
+    NoiseConfig,
+    build_noise_scheduler,
+    min_snr_weights,
+    sample_noise,
+    training_target,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionModule(L.LightningModule):
+    """Base LightningModule. Subclasses implement `encode_condition` and `predict`.
+
+    `optimizer` and `lr_scheduler` are Hydra `_partial_` callables: optimizer(params=...),
+    lr_scheduler(optimizer=...).
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        scheduler_config: dict[str, Any],
+        noise: NoiseConfig | dict | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        prior_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
+        self.noise_scheduler = build_noise_scheduler(scheduler_config, self.noise)
+        self.base_scheduler_config = dict(scheduler_config)
+        self.vae = vae
+        self.vae.requires_grad_(False).eval()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.prior_loss_weight = prior_loss_weight
+        # Checkpoints hold only trainable weights (see on_save_checkpoint), so loading is partial.
+        self.strict_loading = False
+
+    # --- what subclasses provide -------------------------------------------------------------
+
+    def encode_condition(self, batch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def predict(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the shared step ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def diffusion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = (
+            batch["latents"] if "latents" in batch else self.encode_latents(batch["pixel_values"])
+        )
+        latents = latents.float()
+        noise = sample_noise(latents, self.noise.offset_noise)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(
+            0, num_timesteps, (latents.shape[0],), device=latents.device
+        ).long()
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+
+        prediction = self.predict(noisy_latents, timesteps, self.encode_condition(batch))
+
+        per_sample = per_sample_mse(prediction, target)
+        weights = None
+        if self.noise.snr_gamma is not None:
+            weights = min_snr_weights(self.noise_scheduler, timesteps, self.noise.snr_gamma)
+        num_instance = int(batch.get("num_instance", latents.shape[0]))
+        return prior_preservation_loss(per_sample, num_instance, self.prior_loss_weight, weights)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.diffusion_loss(batch)
+        batch_size = int(batch.get("num_instance", 1))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        if self.trainer.optimizers:
+            self.log(
+                "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size
+            )
+        return loss
+
+    # --- optimisation and checkpoints ---------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        if self.optimizer_factory is None:
+            raise RuntimeError("no optimizer configured (set method.optimizer)")
+        optimizer = self.optimizer_factory(params=params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Frozen backbones (VAE, frozen text encoder) are reloaded from the model config; keeping
+        # them out of every checkpoint saves gigabytes per save on SD-sized models.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable |= {name for name, _ in self.named_buffers()}
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k in trainable or self._keep_in_checkpoint(k)
+        }
+
+    def _keep_in_checkpoint(self, key: str) -> bool:
+        return False

@@ -1,0 +1,64 @@
+"""DreamBooth (Ruiz et al. 2023): fine-tune the UNet (and optionally the text encoder) on a few
+subject images, with the class-specific prior-preservation loss of the shared step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from t2ilab.models.pipelines import build_sd_pipeline
+from t2ilab.modules.base import DiffusionModule
+
+
+class TextToImageModule(DiffusionModule):
+    """A UNet conditioned on CLIP text-encoder states: the Stable Diffusion family."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config: dict[str, Any],
+        train_unet: bool = True,
+        train_text_encoder: bool = False,
+        **base_kwargs,
+    ):
+        super().__init__(vae=vae, scheduler_config=scheduler_config, **base_kwargs)
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.train_unet = train_unet
+        self.train_text_encoder = train_text_encoder
+        self.unet.requires_grad_(train_unet)
+        self.text_encoder.requires_grad_(train_text_encoder)
+        self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Lightning puts the whole module in train mode; frozen parts must stay in eval mode.
+        self.vae.eval()
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+        if not self.train_unet:
+            self.unet.eval()
+        return self
+
+    def encode_condition(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "prompt_embeds" in batch:
+            return batch["prompt_embeds"]
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            return self.text_encoder(batch["input_ids"])[0]
+
+    def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=condition).sample
+
+    def pipeline(self, scheduler):
+        """A StableDiffusionPipeline over this module's current weights."""
+        return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+
+
+class DreamBoothModule(TextToImageModule):
+    """DreamBooth is the text-to-image step with prior preservation batches; the UNet is trained
+    by default (Improved DreamBooth), the text encoder with method.train_text_encoder=true."""
