@@ -47,7 +47,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     loggers = _instantiate_dict(cfg.get("logger"))
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         # A CSV log is always written, whatever else is on.
-        loggers.append(CSVLogger(save_dir=cfg.paths.output_dir, name="csv", version=""))
+        # version=None: csv/version_N/, so resuming into a run never deletes its earlier log.
+        loggers.append(CSVLogger(save_dir=cfg.paths.output_dir, name="csv"))
     return loggers
 
 
@@ -116,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with_prior_preservation=bool(cfg.method.prior_preservation),
         tokenizer=tokenizer,
         seed=int(cfg.seed),
+        identifier_id_range=tuple(data_cfg.identifier_id_range),
     )
     log.info("instance prompt: %r, class prompt: %r", prompts.instance_prompt, prompts.class_prompt)
 

@@ -73,7 +73,7 @@ def generate_class_images(
                 height=resolution,
                 width=resolution,
             ).images
-            for index, image in zip(chunk, images):
+            for index, image in zip(chunk, images, strict=True):
                 save_image_atomic(image, class_dir / class_image_name(index))
             bar.update(len(chunk))
     return len(todo)

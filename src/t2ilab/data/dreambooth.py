@@ -37,6 +37,7 @@ def resolve_prompts(
     with_prior_preservation: bool,
     tokenizer=None,
     seed: int = 0,
+    identifier_id_range: tuple[int, int] = (5000, 10000),
 ) -> DreamBoothPrompts:
     """The instance and class prompts, with a rare-token identifier picked by seed if none is
     given (DreamBooth sec. 4.1). Raises UserError on inconsistent prompts."""
@@ -50,7 +51,7 @@ def resolve_prompts(
             raise UserError(
                 "data.identifier is empty: set data.identifier=sks or another rare token"
             )
-        identifier = pick_rare_identifier(tokenizer, seed=seed)
+        identifier = pick_rare_identifier(tokenizer, seed=seed, id_range=tuple(identifier_id_range))
     if instance_prompt is None:
         if "{identifier}" not in instance_prompt_template:
             raise UserError(
