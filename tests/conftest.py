@@ -38,6 +38,7 @@ def compose_cfg(overrides: list[str], output_dir: Path):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
+        del cfg["hydra"]  # train.py's cfg has no hydra node either
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.class_images_dir = str(output_dir / "class_images")
     return cfg

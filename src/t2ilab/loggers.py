@@ -13,12 +13,12 @@ log = logging.getLogger(__name__)
 
 
 def wandb_has_credentials() -> bool:
-    """An API key in the environment or in ~/.netrc (where `wandb login` stores it)."""
+    """An API key in the environment or in the netrc file (where `wandb login` stores it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
     try:
-        auth = netrc.netrc().authenticators(host)
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return bool(auth and auth[2])

@@ -23,7 +23,7 @@ from t2ilab.metrics.images import tensor_to_pil
 
 @pytest.fixture(scope="module")
 def dino(tiny_vit_dir):
-    return load_embedder("dino", tiny_vit_dir, local_files_only=True)
+    return DinoEmbedder.from_pretrained(tiny_vit_dir, local_files_only=True)  # a Path is fine
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,10 @@ def clip(tiny_clip_dir):
     return load_embedder("clip", str(tiny_clip_dir), local_files_only=True)
 
 
-def test_loader_builds_the_right_embedders(dino, clip):
+def test_loader_builds_the_right_embedders(dino, clip, tiny_vit_dir):
     assert isinstance(dino, DinoEmbedder) and dino.image_processor is not None
+    loaded = load_embedder("dino", str(tiny_vit_dir), device="cpu", local_files_only=True)
+    assert isinstance(loaded, DinoEmbedder) and loaded.device == torch.device("cpu")
     assert isinstance(clip, ClipEmbedder) and clip.image_processor is not None
     assert clip.max_length == 40
 

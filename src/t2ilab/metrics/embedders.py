@@ -215,13 +215,14 @@ class DinoEmbedder(_ImageEmbedder):
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str = DEFAULT_DINO_MODEL,
+        model_id_or_path: str | os.PathLike[str] = DEFAULT_DINO_MODEL,
         device: str | torch.device = "cpu",
         local_files_only: bool = False,
         config_key: str | None = None,
     ) -> DinoEmbedder:
         from transformers import AutoImageProcessor, AutoModel
 
+        model_id_or_path = str(model_id_or_path)
         name = _check_local(model_id_or_path, "dino", config_key)
         # transformers 5.x's AutoModel looks for a PEFT adapter_config.json on the hub even with
         # local_files_only=True (minutes of retries offline) unless adapter_kwargs repeats it
@@ -255,13 +256,14 @@ class ClipEmbedder(_ImageEmbedder):
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str = DEFAULT_CLIP_MODEL,
+        model_id_or_path: str | os.PathLike[str] = DEFAULT_CLIP_MODEL,
         device: str | torch.device = "cpu",
         local_files_only: bool = False,
         config_key: str | None = None,
     ) -> ClipEmbedder:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+        model_id_or_path = str(model_id_or_path)
         name = _check_local(model_id_or_path, "clip", config_key)
         with _reraise_not_found(model_id_or_path, "clip", config_key):
             model = _pretrained(CLIPModel, name, local_files_only)

@@ -1,0 +1,1 @@
+"""Result aggregation and analysis over run directories (results.json)."""

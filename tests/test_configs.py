@@ -1,0 +1,111 @@
+"""Every experiment composes and instantiates; the CLI's help and config printing work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hydra
+import lightning as L
+import pytest
+from conftest import CONF, FAST, ROOT
+from omegaconf import OmegaConf
+
+from t2ilab.data.dreambooth import DreamBoothDataModule
+from t2ilab.models.loading import load_sd_components
+from t2ilab.modules.base import DiffusionModule
+from t2ilab.train import build_loggers
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_the_four_improved_dreambooth_arms_exist():
+    assert {
+        "dreambooth",
+        "dreambooth_zsnr",
+        "dreambooth_sigmoid",
+        "dreambooth_sigmoid_zsnr",
+    } <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, make_cfg):
+    cfg = make_cfg(f"experiment={experiment}", *FAST)
+    components = load_sd_components(cfg.model)
+    module = hydra.utils.instantiate(
+        cfg.method.module,
+        unet=components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        scheduler_config=components.scheduler_config,
+        noise=OmegaConf.to_container(cfg.noise),
+    )
+    assert isinstance(module, DiffusionModule)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[0]["lr"] == cfg.method.lr
+    assert isinstance(hydra.utils.instantiate(cfg.data), DreamBoothDataModule)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=[])
+    assert isinstance(trainer, L.Trainer)
+    for callback in cfg.callbacks.values():
+        hydra.utils.instantiate(callback)
+
+
+@pytest.mark.parametrize(
+    "experiment,schedule,zsnr",
+    [
+        ("dreambooth", None, False),
+        ("dreambooth_zsnr", None, True),
+        ("dreambooth_sigmoid", "sigmoid", False),
+        ("dreambooth_sigmoid_zsnr", "sigmoid", True),
+    ],
+)
+def test_arms_follow_the_paper(experiment, schedule, zsnr, make_cfg):
+    cfg = make_cfg(f"experiment={experiment}", "model=sd15")
+    assert cfg.noise.beta_schedule == schedule and cfg.noise.zero_terminal_snr is zsnr
+    # Paper defaults on a real model: UNet only, lr 5e-6, 1000 steps T, 200 class images, sks.
+    assert cfg.method.train_unet and not cfg.method.train_text_encoder
+    assert cfg.method.lr == 5e-6 and cfg.method.num_class_images == 200
+    assert cfg.noise.num_train_timesteps == 1000 and cfg.data.identifier == "sks"
+    assert cfg.method.prior_preservation
+
+
+def test_tiny_model_gets_a_cpu_budget_and_real_models_do_not(make_cfg):
+    tiny = make_cfg("experiment=dreambooth_sigmoid")
+    real = make_cfg("experiment=dreambooth_sigmoid", "model=sd15")
+    assert tiny.trainer.max_steps < real.trainer.max_steps
+    assert tiny.method.num_class_images < real.method.num_class_images == 200
+    # The command line still wins over the tiny budget.
+    assert make_cfg("experiment=dreambooth_sigmoid", "trainer.max_steps=7").trainer.max_steps == 7
+
+
+def test_sd21_keeps_its_v_prediction(make_cfg):
+    cfg = make_cfg("experiment=dreambooth", "model=sd21")
+    assert cfg.noise.prediction_type is None  # null: the model's scheduler config decides
+    assert cfg.model.resolution == 768
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_config_groups():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for group in ("experiment:", "model:", "noise:", "method:", "trainer:", "logger:"):
+        assert group in proc.stdout
+    assert "dreambooth_sigmoid_zsnr" in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    proc = _cli("experiment=dreambooth_zsnr", "--cfg", "job")
+    assert proc.returncode == 0
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.noise.zero_terminal_snr is True
+    assert cfg.model.name == "tiny_sd" and cfg.trainer.max_steps > 0
