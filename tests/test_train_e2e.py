@@ -138,3 +138,45 @@ def test_resume_last_in_the_same_run(run_dir):
 
     assert logged_steps(0) == [0, 1, 2, 3]  # the first run's log is kept
     assert logged_steps(1) == [4]
+
+
+def test_four_arm_sweep_is_one_multirun(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config-dir",
+            "sweeps",
+            "--config-name",
+            "improved_dreambooth_arms",
+            *FAST,
+            "trainer.max_steps=1",
+            "export.enabled=false",
+            "callbacks.samples.at_end=false",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"paths.class_images_dir={tmp_path / 'class_images'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = {}
+    for path in sweep_dir.glob("*/results.json"):
+        results = json.loads(path.read_text())
+        assert results["status"] == "ok"
+        f = results["factors"]
+        arms[f["experiment"]] = (f["noise.beta_schedule"], f["noise.zero_terminal_snr"])
+    assert arms == {
+        "dreambooth": (None, False),
+        "dreambooth_zsnr": (None, True),
+        "dreambooth_sigmoid": ("sigmoid", False),
+        "dreambooth_sigmoid_zsnr": ("sigmoid", True),
+    }

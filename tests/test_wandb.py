@@ -10,8 +10,12 @@ from t2ilab.loggers import wandb_has_credentials
 
 def test_default_wandb_logger_runs_offline_and_logs_history(tmp_path):
     fast = [o for o in FAST if not o.startswith("logger=")]
-    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"),
-           "HOME": str(tmp_path)}
+    env = {
+        "WANDB_MODE": "",
+        "WANDB_API_KEY": "",
+        "NETRC": str(tmp_path / "no-netrc"),
+        "HOME": str(tmp_path),
+    }
     run_dir = tmp_path / "run"
     proc = run_train(["experiment=dreambooth_sigmoid", *fast], run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
