@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FAST, run_train
+from _support import FAST, run_train
 from PIL import Image
 
 import t2ilab.train as train_module
@@ -79,7 +79,10 @@ CASES = {
 def test_bad_input_is_a_user_error_before_weights(
     case, make_cfg, tmp_path, no_weights, monkeypatch
 ):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline at once instead of ~20 s of connection retries (the env var is read at import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     overrides, match = CASES[case]
     cfg = make_cfg("experiment=dreambooth", *FAST, *overrides(tmp_path))
     if case == "unknown sampler":

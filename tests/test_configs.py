@@ -8,7 +8,7 @@ import sys
 import hydra
 import lightning as L
 import pytest
-from conftest import CONF, FAST, ROOT
+from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
 from t2ilab.data.dreambooth import DreamBoothDataModule

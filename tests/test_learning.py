@@ -23,7 +23,7 @@ from t2ilab.noise import training_target
 
 @pytest.fixture(scope="module")
 def components():
-    from conftest import (
+    from _support import (
         CONF,
         compose_cfg,  # noqa: F401  (sets T2ILAB_ROOT)
     )

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_train
+from _support import FAST, run_train
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from test_noise import expected_betas
 
@@ -144,7 +144,7 @@ def test_four_arm_sweep_is_one_multirun(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from _support import ROOT
 
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run(

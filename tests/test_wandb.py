@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import FAST, run_train
+from _support import FAST, run_train
 from wandb_history import history_keys
 
 from t2ilab.loggers import wandb_has_credentials

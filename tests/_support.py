@@ -1,0 +1,62 @@
+"""Test support: configs composed exactly as train.py composes them, and a runner for the real
+command line. Everything is offline and CPU-sized. (Not conftest.py: tests/metrics has its own.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("T2ILAB_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Overrides that make any DreamBooth experiment a seconds-long CPU run.
+FAST = [
+    "trainer.max_steps=3",
+    "method.num_class_images=2",
+    "sampling.num_inference_steps=2",
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.images_per_prompt=1",
+    "logger=csv",
+]
+
+
+def compose_cfg(overrides: list[str], output_dir: Path):
+    """The config train.py would run with, with hydra.* interpolations resolvable."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # train.py's cfg has no hydra node either
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.class_images_dir = str(output_dir / "class_images")
+    return cfg
+
+
+def run_train(args: list[str], run_dir: Path, timeout: int = 300, env: dict | None = None):
+    """`python train.py ARGS hydra.run.dir=RUN_DIR`, as a user types it."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        f"hydra.run.dir={run_dir}",
+        f"paths.class_images_dir={run_dir.parent / 'class_images'}",
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
