@@ -27,6 +27,10 @@ FAST = [
     "callbacks.samples.every_n_steps=0",
     "callbacks.samples.images_per_prompt=1",
     "logger=csv",
+    # Two prompts, two images each (DIV needs pairs), two sampling steps.
+    "eval.prompts=['a {identifier} {class_noun}','a {identifier} {class_noun} in the snow']",
+    "eval.images_per_prompt=2",
+    "eval.num_inference_steps=2",
 ]
 
 

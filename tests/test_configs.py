@@ -12,9 +12,9 @@ from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
 from t2ilab.data.dreambooth import DreamBoothDataModule
+from t2ilab.loggers import build_loggers
 from t2ilab.models.loading import load_sd_components
 from t2ilab.modules.base import DiffusionModule
-from t2ilab.train import build_loggers
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -43,6 +43,8 @@ def test_run_directory_layout(run_dir):
     ]:
         assert (run_dir / path).is_file(), path
     assert list((run_dir / "samples").glob("step_*.png"))
+    eval_dir = run_dir / "samples" / "eval_step_000004"
+    assert {p.name for p in eval_dir.iterdir()} == {"prompt_00.png", "prompt_01.png", "prior.png", "prompts.csv"}
     assert len(list((run_dir.parent / "class_images").rglob("class_*.png"))) == 2
 
 
@@ -66,6 +68,8 @@ def test_results_json_contract(run_dir):
         factors["noise.beta_schedule"] == "sigmoid" and factors["noise.zero_terminal_snr"] is True
     )
     assert all(isinstance(v, float) for v in results["metrics"].values())
+    # Every DreamBooth protocol metric, from the end-of-fit evaluation.
+    assert {"dino", "clip_i", "clip_t", "pres", "div"} <= set(results["metrics"])
     assert results["wall_time_s"] > 0
 
 

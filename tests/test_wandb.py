@@ -24,6 +24,9 @@ def test_default_wandb_logger_runs_offline_and_logs_history(tmp_path):
     keys = history_keys(offline_run)
     assert {"train/loss", "train/lr", "train/instance_loss", "train/prior_loss"} <= keys
     assert any(k.startswith("samples") for k in keys)  # the sample grid image
+    assert {f"eval/{m}" for m in ("dino", "clip_i", "clip_t", "pres", "div")} <= keys
+    assert any(k.startswith("eval/prompts") for k in keys)  # the per-prompt table
+    assert any(k.startswith("eval/grids") for k in keys)
     assert list((run_dir / "csv").rglob("metrics.csv"))  # a CSV log is always written
 
 

@@ -1,4 +1,4 @@
-"""Logger construction: W&B online when credentials exist, offline otherwise."""
+"""Loggers from config: W&B online when credentials exist, offline otherwise; CSV always."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+import hydra
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +42,45 @@ def make_wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> W
             save_dir,
         )
     return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)
+
+
+def instantiate_dict(section: DictConfig | None) -> list[Any]:
+    """Lightning-hydra-template style: a dict of name -> {_target_: ...} configs."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c) for c in section.values() if c and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    loggers = instantiate_dict(cfg.get("logger"))
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        # A CSV log is always written, whatever else is on. version=None: csv/version_N/, so
+        # resuming into a run never deletes its earlier log.
+        loggers.append(CSVLogger(save_dir=cfg.paths.output_dir, name="csv"))
+    return loggers
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted keys, so W&B dashboards can group by any config value."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    for lg in loggers:
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            run_dir = Path(lg.experiment.dir).parent
+            offline = lg._offline
+            lg.experiment.finish()
+            if offline:
+                log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)

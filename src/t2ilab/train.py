@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,40 +14,24 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug, resolve_prompts
 from t2ilab.errors import UserError
+from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
+from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_pipeline
 from t2ilab.models.loading import load_sd_components, load_tokenizer
 from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
-from t2ilab.results import collect_factors, write_results
+from t2ilab.runner import experiment_name, run_task
 from t2ilab.validation import check_dreambooth_inputs
 
 log = logging.getLogger("t2ilab.train")
 
 # Frozen VAE / text encoder are kept in eval mode on purpose (see TextToImageModule.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def _instantiate_dict(section: DictConfig | None) -> list[Any]:
-    """Lightning-hydra-template style: a dict of name -> {_target_: ...} configs."""
-    if not section:
-        return []
-    return [hydra.utils.instantiate(c) for c in section.values() if c and "_target_" in c]
-
-
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    loggers = _instantiate_dict(cfg.get("logger"))
-    if not any(isinstance(lg, CSVLogger) for lg in loggers):
-        # A CSV log is always written, whatever else is on.
-        # version=None: csv/version_N/, so resuming into a run never deletes its earlier log.
-        loggers.append(CSVLogger(save_dir=cfg.paths.output_dir, name="csv"))
-    return loggers
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -121,6 +103,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     log.info("instance prompt: %r, class prompt: %r", prompts.instance_prompt, prompts.class_prompt)
 
+    protocol = None
+    if cfg.eval.get("enabled"):
+        # Built (and its evaluator models loaded) before training, so a missing evaluator fails
+        # now rather than after hours of fine-tuning.
+        protocol = DreamBoothProtocol(
+            OmegaConf.to_container(cfg.eval, resolve=True),
+            cfg.data.instance_dir,
+            prompts.identifier,
+            prompts.class_noun or "",
+            device=generation_device(cfg),
+        )
+        protocol.evaluators()
+
     components = load_sd_components(cfg.model, tokenizer)
     class_dir = None
     if cfg.method.prior_preservation:
@@ -142,100 +137,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.bind(tokenizer, prompts, num_class)
 
     loggers = build_loggers(cfg)
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    evaluation = None
+    if protocol is not None:
+        evaluation = DreamBoothEvalCallback(
+            protocol,
+            output_dir=Path(cfg.paths.output_dir) / "samples",
+            every_n_steps=int(cfg.eval.every_n_steps),
+            scheduler=cfg.eval.scheduler,
+        )
+        callbacks.append(evaluation)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:
-        lg.log_hyperparams(_flat_config(cfg))
+        lg.log_hyperparams(flat_config(cfg))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
-    metrics = {
-        "train_loss": float(trainer.callback_metrics["train/loss"])
-        if "train/loss" in trainer.callback_metrics
-        else None
-    }
+    metrics = {}
+    if "train/loss" in trainer.callback_metrics:
+        metrics["train_loss"] = float(trainer.callback_metrics["train/loss"])
+    if evaluation is not None:
+        metrics.update(evaluation.last_metrics)
     if trainer.is_global_zero and cfg.export.enabled:
+        subject = {
+            "experiment": experiment_name(),
+            "identifier": prompts.identifier,
+            "class_noun": prompts.class_noun,
+            "instance_prompt": prompts.instance_prompt,
+            "class_prompt": prompts.class_prompt,
+            "instance_dir": str(Path(cfg.data.instance_dir).expanduser().resolve()),
+        }
         export_pipeline(
-            module, Path(cfg.paths.output_dir) / "export", scheduler=cfg.sampling.scheduler
+            module, Path(cfg.paths.output_dir) / "export", cfg.sampling.scheduler, metadata=subject
         )
-    _finish_wandb(loggers)
+    finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}
-
-
-def _flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """Dotted keys, so W&B dashboards can group by any config value."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            flat[prefix] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
-def _finish_wandb(loggers: list[Logger]) -> None:
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            run_dir = Path(lg.experiment.dir).parent
-            offline = lg._offline
-            lg.experiment.finish()
-            if offline:
-                log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)
-
-
-def _experiment_name() -> str:
-    return HydraConfig.get().runtime.choices.get("experiment") or "default"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and always write results.json, also when the run fails."""
-    hydra_cfg = HydraConfig.get()
-    is_multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    factors = collect_factors(
-        cfg,
-        list(hydra_cfg.overrides.task),
-        dict(hydra_cfg.runtime.choices),
-        list(cfg.results.factor_keys),
-    )
-    results_path = Path(cfg.paths.output_dir) / "results.json"
-    is_rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-    start = time.time()
-    status, reason, outcome = "ok", None, {"metrics": {}, "steps": 0}
-    try:
-        outcome = train(cfg)
-    except UserError as err:
-        status, reason = "failed", str(err)
-        log.error("%s", err)
-    except Exception as err:
-        status, reason = "failed", f"{type(err).__name__}: {err}"
-        if not is_multirun:
-            _write(results_path, is_rank_zero, factors, status, reason, outcome, start)
-            raise
-        log.exception("run failed; the sweep goes on")
-    results = _write(results_path, is_rank_zero, factors, status, reason, outcome, start)
-    if status == "failed" and not is_multirun:
-        print(f"t2ilab: error: {reason}", file=sys.stderr)
-        sys.exit(2)
-    return results
-
-
-def _write(path, is_rank_zero, factors, status, reason, outcome, start) -> dict[str, Any]:
-    if not is_rank_zero:
-        return {}
-    return write_results(
-        path,
-        experiment=_experiment_name(),
-        status=status,
-        reason=reason,
-        factors=factors,
-        metrics=outcome["metrics"],
-        steps=outcome["steps"],
-        wall_time_s=time.time() - start,
-    )
+    return run_task(cfg, train)
 
 
 def main() -> None:

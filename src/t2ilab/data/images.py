@@ -19,7 +19,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder).expanduser()
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def load_rgb(path: str | Path) -> Image.Image:

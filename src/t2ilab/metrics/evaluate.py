@@ -26,11 +26,13 @@ def evaluate_dreambooth(
     distance: PairDistance | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    clip_t_without_identifier: bool = True,
 ) -> DreamBoothResult:
     """Score generations keyed by their prompt (identifier included) against the real subject.
 
     `pres` is added when `prior_images` (class-prompt generations) are given, `div` when a
-    `distance` (e.g. LpipsDistance) is given.
+    `distance` (e.g. LpipsDistance) is given. CLIP-T compares each image with its prompt without
+    the identifier (the rare token means nothing to CLIP) unless `clip_t_without_identifier` is off.
     """
     if not generations:
         raise ValueError("evaluate_dreambooth needs generations for at least one prompt")
@@ -41,7 +43,10 @@ def evaluate_dreambooth(
     real_dino = dino.embed_images(real_images, **kw)
     real_clip = clip.embed_images(real_images, **kw)
     prompts = list(generations)
-    texts = clip.embed_texts([remove_identifier(p, identifier) for p in prompts], **kw)
+    text_prompts = [
+        remove_identifier(p, identifier) if clip_t_without_identifier else p for p in prompts
+    ]
+    texts = clip.embed_texts(text_prompts, **kw)
     embedded = [
         PromptEmbeddings(
             prompt=p,

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
-Images = Sequence[Image.Image] | Tensor
+from t2ilab.data.images import list_images
+from t2ilab.data.images import load_rgb as open_rgb
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+Images = Sequence[Image.Image] | Tensor
 
 
 def num_images(images: Images) -> int:
@@ -68,12 +69,6 @@ def to_image_tensor(images: Images) -> Tensor:
     return torch.stack([pil_to_tensor(img) for img in images])
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, honouring EXIF orientation (phone photos are often rotated)."""
-    with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
-
-
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size` (bicubic) and crop the centre square, keeping aspect."""
     w, h = image.size
@@ -89,9 +84,7 @@ def list_image_files(path: str | Path) -> list[Path]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ValueError(f"image folder '{path}' does not exist or is not a folder")
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return list_images(folder)
 
 
 def load_image_folder(path: str | Path, size: int | None = None) -> Tensor:

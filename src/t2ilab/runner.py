@@ -1,0 +1,82 @@
+"""Running one Hydra task (train or evaluate) so that results.json is always written.
+
+A user error ends a single run with one line on stderr and exit code 2; in a multirun sweep
+any failure is recorded in that run's results.json and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from t2ilab.errors import UserError
+from t2ilab.results import collect_factors, write_results
+
+log = logging.getLogger(__name__)
+
+# What a task returns: {"metrics": {name: float}, "steps": int}.
+TaskOutcome = dict[str, Any]
+
+
+def experiment_name(default: str = "default") -> str:
+    return HydraConfig.get().runtime.choices.get("experiment") or default
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+
+
+def run_task(
+    cfg: DictConfig, task: Callable[[DictConfig], TaskOutcome], name: str | None = None
+) -> dict:
+    hydra_cfg = HydraConfig.get()
+    is_multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    factors = collect_factors(
+        cfg,
+        list(hydra_cfg.overrides.task),
+        dict(hydra_cfg.runtime.choices),
+        list(cfg.results.factor_keys),
+    )
+    results_path = Path(cfg.paths.output_dir) / "results.json"
+    start = time.time()
+    status, reason, outcome = "ok", None, {"metrics": {}, "steps": 0}
+
+    def write() -> dict:
+        if not is_rank_zero():
+            return {}
+        return write_results(
+            results_path,
+            experiment=name or experiment_name(),
+            status=status,
+            reason=reason,
+            factors=factors,
+            metrics=outcome["metrics"],
+            steps=outcome["steps"],
+            wall_time_s=time.time() - start,
+        )
+
+    try:
+        outcome = task(cfg)
+    except UserError as err:
+        status, reason = "failed", str(err)
+        log.error("%s", err)
+    except Exception as err:
+        status, reason = "failed", f"{type(err).__name__}: {err}"
+        if not is_multirun:
+            write()
+            raise
+        log.exception("run failed; the sweep goes on")
+    results = write()
+    if status == "failed" and not is_multirun:
+        print(f"t2ilab: error: {reason}", file=sys.stderr)
+        sys.exit(2)
+    return results
