@@ -34,11 +34,11 @@ FAST = [
 ]
 
 
-def compose_cfg(overrides: list[str], output_dir: Path):
-    """The config train.py would run with, with hydra.* interpolations resolvable."""
+def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "train"):
+    """The config train.py (or evaluate.py) would run with, hydra.* interpolations resolvable."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # train.py's cfg has no hydra node either
@@ -47,11 +47,17 @@ def compose_cfg(overrides: list[str], output_dir: Path):
     return cfg
 
 
-def run_train(args: list[str], run_dir: Path, timeout: int = 300, env: dict | None = None):
-    """`python train.py ARGS hydra.run.dir=RUN_DIR`, as a user types it."""
+def run_train(
+    args: list[str],
+    run_dir: Path,
+    timeout: int = 300,
+    env: dict | None = None,
+    script: str = "train.py",
+):
+    """`python train.py ARGS hydra.run.dir=RUN_DIR` (or evaluate.py), as a user types it."""
     cmd = [
         sys.executable,
-        str(ROOT / "train.py"),
+        str(ROOT / script),
         *args,
         f"hydra.run.dir={run_dir}",
         f"paths.class_images_dir={run_dir.parent / 'class_images'}",

@@ -9,8 +9,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    def _make(*overrides: str):
-        return compose_cfg(list(overrides), tmp_path)
+    def _make(*overrides: str, config_name: str = "train"):
+        return compose_cfg(list(overrides), tmp_path, config_name)
 
     yield _make
     GlobalHydra.instance().clear()

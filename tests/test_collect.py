@@ -227,3 +227,32 @@ def test_cli_subprocess(sweep: Path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_group_means_average_over_subjects(tmp_path):
+    import json as _json
+
+    from t2ilab.analysis.collect import group_means, load_results
+
+    values = {("a", "dog"): 0.2, ("a", "cat"): 0.4, ("b", "dog"): 0.6, ("b", "cat"): 1.0}
+    for i, ((experiment, subject), dino) in enumerate(values.items()):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "results.json").write_text(
+            _json.dumps(
+                {
+                    "experiment": experiment,
+                    "status": "ok",
+                    "reason": None,
+                    "factors": {"experiment": experiment, "subject": subject},
+                    "metrics": {"dino": dino},
+                    "steps": 1,
+                    "wall_time_s": 1.0,
+                }
+            )
+        )
+    table = group_means(load_results(tmp_path), "experiment").set_index("factor.experiment")
+    assert table.loc["a", "metric.dino.mean"] == pytest.approx(0.3)
+    assert table.loc["b", "metric.dino.mean"] == pytest.approx(0.8)
+    assert table.loc["b", "metric.dino.std"] == pytest.approx(((0.2**2) * 2) ** 0.5)  # sample std
+    assert list(table["runs"]) == [2, 2]

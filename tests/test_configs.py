@@ -109,3 +109,15 @@ def test_cfg_job_prints_the_composed_config():
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.noise.zero_terminal_snr is True
     assert cfg.model.name == "tiny_sd" and cfg.trainer.max_steps > 0
+
+
+def test_the_30_dreambooth_subjects(make_cfg):
+    subjects = sorted(p.stem for p in (CONF / "subject").glob("*.yaml"))
+    assert len(subjects) == 30
+    dog = make_cfg("experiment=dreambooth", "subject=dog5")
+    assert dog.data.class_noun == "dog" and dog.eval.subject_type == "live"
+    assert dog.data.instance_dir.endswith("dreambooth/dataset/dog5")
+    sloth = make_cfg("experiment=dreambooth", "subject=grey_sloth_plushie")
+    assert sloth.data.class_noun == "stuffed animal" and sloth.eval.subject_type == "object"
+    live = [s for s in subjects if make_cfg(f"subject={s}").eval.subject_type == "live"]
+    assert live == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]

@@ -44,7 +44,12 @@ def test_run_directory_layout(run_dir):
         assert (run_dir / path).is_file(), path
     assert list((run_dir / "samples").glob("step_*.png"))
     eval_dir = run_dir / "samples" / "eval_step_000004"
-    assert {p.name for p in eval_dir.iterdir()} == {"prompt_00.png", "prompt_01.png", "prior.png", "prompts.csv"}
+    assert {p.name for p in eval_dir.iterdir()} == {
+        "prompt_00.png",
+        "prompt_01.png",
+        "prior.png",
+        "prompts.csv",
+    }
     assert len(list((run_dir.parent / "class_images").rglob("class_*.png"))) == 2
 
 

@@ -215,6 +215,21 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def group_means(df: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Mean and std of every metric over the ok runs of each value of `by` (e.g. the paper's
+    average over 30 subjects per method: --group-by experiment), with the run count."""
+    column = f"factor.{by}" if f"factor.{by}" in df.columns else by
+    if column not in df.columns:
+        raise UserError(f"--group-by {by}: no such column; use a factor such as experiment")
+    ok = df[df["status"] == "ok"]
+    metric_columns = [c for c in ok.columns if c.startswith("metric.")]
+    grouped = ok.groupby(column, dropna=False)[metric_columns]
+    table = grouped.mean().add_suffix(".mean").join(grouped.std().add_suffix(".std"))
+    table = table[sorted(table.columns)]
+    table.insert(0, "runs", ok.groupby(column, dropna=False).size())
+    return table.reset_index()
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m t2ilab.analysis.collect",
@@ -225,6 +240,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default DIR/results.csv)")
     parser.add_argument(
         "--markdown", type=Path, default=None, help="markdown path (default DIR/results.md)"
+    )
+    parser.add_argument(
+        "--group-by",
+        default=None,
+        help="also print metric mean/std per value of this factor (e.g. experiment), "
+        "written to DIR/results_by_<factor>.csv",
     )
     return parser.parse_args(argv)
 
@@ -263,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown)
     print(f"{summary(df, skipped)} -> {csv_path}, {md_path}")
+    if args.group_by:
+        try:
+            grouped = group_means(df, args.group_by)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        grouped_path = root / f"results_by_{args.group_by.replace('.', '_')}.csv"
+        _write_atomic(grouped_path, grouped.to_csv(index=False))
+        print(to_markdown(grouped))
+        print(f"-> {grouped_path}")
     return 0
 
 

@@ -17,14 +17,14 @@ PROMPT_LISTS = {"object": "object_prompts", "live": "live_subject_prompts"}
 def select_prompts(eval_cfg: Mapping) -> list[str]:
     """The prompt templates to evaluate: `prompts` when set, else the list for `subject_type`."""
     prompts = eval_cfg.get("prompts")
+    subject_type = eval_cfg.get("subject_type", "object")
+    if subject_type not in PROMPT_LISTS:  # checked even with explicit prompts: a typo is a typo
+        raise UserError(
+            f"eval.subject_type={subject_type!r} is not one of "
+            f"{' | '.join(PROMPT_LISTS)} (object: things like a backpack or a teapot; "
+            "live: pets and other live subjects)"
+        )
     if prompts is None:
-        subject_type = eval_cfg.get("subject_type", "object")
-        if subject_type not in PROMPT_LISTS:
-            raise UserError(
-                f"eval.subject_type={subject_type!r} is not one of "
-                f"{' | '.join(PROMPT_LISTS)} (object: things like a backpack or a teapot; "
-                "live: pets and other live subjects)"
-            )
         key = PROMPT_LISTS[subject_type]
         prompts = eval_cfg.get(key)
         if prompts is None:
