@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -20,7 +19,7 @@ from t2ilab.callbacks.evaluation import log_eval_outputs, save_eval_outputs
 from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config
 from t2ilab.metrics.protocol import DreamBoothProtocol
-from t2ilab.models.export import METADATA_FILE
+from t2ilab.models.export import METADATA_FILE, load_export
 from t2ilab.models.loading import load_sd_components
 from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
 from t2ilab.runner import run_task
@@ -46,7 +45,7 @@ def resolve_export(cfg: DictConfig) -> Path | None:
                 f"run_dir={cfg.run_dir} does not exist: pass a folder under logs/train/runs/"
             )
         export = run_dir / "export"
-        if not (export / "model_index.json").is_file():
+        if not (export / "model_index.json").is_file() and not (export / METADATA_FILE).is_file():
             raise UserError(
                 f"run_dir={cfg.run_dir} has no export/ (the run failed, is still going, or had "
                 "export.enabled=false): resume it with ckpt_path=last, or pass export_dir=..."
@@ -54,7 +53,7 @@ def resolve_export(cfg: DictConfig) -> Path | None:
         return export
     if cfg.get("export_dir"):
         export = Path(cfg.export_dir).expanduser()
-        if not (export / "model_index.json").is_file():
+        if not (export / "model_index.json").is_file() and not (export / METADATA_FILE).is_file():
             raise UserError(
                 f"export_dir={cfg.export_dir} is not a diffusers pipeline folder (no "
                 "model_index.json): pass <run dir>/export or a folder from save_pretrained()"
@@ -80,9 +79,8 @@ def apply_export_metadata(cfg: DictConfig, export: Path) -> None:
 def load_pipeline(cfg: DictConfig, export: Path | None):
     sampler_name = cfg.eval.scheduler
     if export is not None:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            export, safety_checker=None, requires_safety_checker=False
-        )
+        # A pipeline folder, or LoRA / textual-inversion / adapter weights on their base model.
+        pipe = load_export(export, base_model=cfg.model.pretrained)
         # The export's scheduler config carries its trained betas; keep them, swap the class.
         pipe.scheduler = make_sampler(sampler_name, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)

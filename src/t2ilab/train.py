@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
-from t2ilab.data.dreambooth import prompt_slug, resolve_prompts
+from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
@@ -26,7 +26,7 @@ from t2ilab.models.export import export_pipeline
 from t2ilab.models.loading import load_sd_components, load_tokenizer
 from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
 from t2ilab.runner import experiment_name, run_task
-from t2ilab.validation import check_dreambooth_inputs
+from t2ilab.validation import check_resolution
 
 log = logging.getLogger("t2ilab.train")
 
@@ -54,11 +54,10 @@ def generation_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_class_images(cfg: DictConfig, components, class_prompt: str) -> Path:
+def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_dir) -> Path:
     """Fill the class folder with images from the frozen base model (its own schedule)."""
     class_dir = Path(
-        cfg.data.class_dir
-        or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
+        class_dir or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
     ).expanduser()
     sampler = make_sampler(cfg.sampling.scheduler, components.scheduler_config)
     pipe = build_sd_pipeline(
@@ -82,44 +81,45 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str) -> Path
     return class_dir
 
 
+def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
+    """The evaluation protocol for a subject-driven run; None when evaluation is off or the data
+    has no subject (captioned fine-tuning)."""
+    if not cfg.eval.get("enabled") or not hasattr(datamodule, "subject"):
+        return None
+    subject = datamodule.subject()
+    protocol = DreamBoothProtocol(
+        OmegaConf.to_container(cfg.eval, resolve=True),
+        subject["instance_dir"],
+        subject["identifier"],
+        subject["class_noun"] or "",
+        device=generation_device(cfg),
+    )
+    # Load the evaluator models now: a missing one fails before hours of fine-tuning.
+    protocol.evaluators()
+    return protocol
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns metrics. Raises UserError on bad input before weights load."""
     L.seed_everything(cfg.seed, workers=True)
-    check_dreambooth_inputs(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.check()
+    check_resolution(cfg)
     resume_from = resolve_ckpt_path(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    data_cfg = cfg.data
-    prompts = resolve_prompts(
-        identifier=data_cfg.identifier,
-        class_noun=data_cfg.class_noun,
-        instance_prompt=data_cfg.instance_prompt,
-        instance_prompt_template=data_cfg.instance_prompt_template,
-        class_prompt=data_cfg.class_prompt,
-        with_prior_preservation=bool(cfg.method.prior_preservation),
-        tokenizer=tokenizer,
-        seed=int(cfg.seed),
-        identifier_id_range=tuple(data_cfg.identifier_id_range),
-    )
-    log.info("instance prompt: %r, class prompt: %r", prompts.instance_prompt, prompts.class_prompt)
-
-    protocol = None
-    if cfg.eval.get("enabled"):
-        # Built (and its evaluator models loaded) before training, so a missing evaluator fails
-        # now rather than after hours of fine-tuning.
-        protocol = DreamBoothProtocol(
-            OmegaConf.to_container(cfg.eval, resolve=True),
-            cfg.data.instance_dir,
-            prompts.identifier,
-            prompts.class_noun or "",
-            device=generation_device(cfg),
-        )
-        protocol.evaluators()
+    module_class = hydra.utils.get_class(cfg.method.module._target_)
+    # A method may add tokens (textual inversion) and rewrite prompts to use them.
+    prompt_transform = module_class.prepare_tokenizer(tokenizer, cfg.method)
+    prompt_vars = datamodule.bind(tokenizer, seed=int(cfg.seed), prompt_transform=prompt_transform)
+    log.info("prompt variables: %s", prompt_vars)
+    protocol = build_protocol(cfg, datamodule)
 
     components = load_sd_components(cfg.model, tokenizer)
-    class_dir = None
-    if cfg.method.prior_preservation:
-        class_dir = prepare_class_images(cfg, components, prompts.class_prompt)
+    if datamodule.class_prompt:
+        datamodule.class_dir = prepare_class_images(
+            cfg, components, datamodule.class_prompt, datamodule.class_dir
+        )
 
     module = hydra.utils.instantiate(
         cfg.method.module,
@@ -130,11 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler_config=components.scheduler_config,
         noise=OmegaConf.to_container(cfg.noise, resolve=True),
     )
-    module.prompt_vars = {"identifier": prompts.identifier, "class_noun": prompts.class_noun or ""}
-
-    datamodule = hydra.utils.instantiate(cfg.data, class_dir=str(class_dir) if class_dir else None)
-    num_class = int(cfg.method.num_class_images) if cfg.method.prior_preservation else 0
-    datamodule.bind(tokenizer, prompts, num_class)
+    module.prompt_vars = prompt_vars
+    module.prompt_transform = prompt_transform
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
@@ -150,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(flat_config(cfg))
+    log_parameter_counts(module, loggers)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
@@ -159,19 +157,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if evaluation is not None:
         metrics.update(evaluation.last_metrics)
     if trainer.is_global_zero and cfg.export.enabled:
-        subject = {
+        metadata = {
             "experiment": experiment_name(),
-            "identifier": prompts.identifier,
-            "class_noun": prompts.class_noun,
-            "instance_prompt": prompts.instance_prompt,
-            "class_prompt": prompts.class_prompt,
-            "instance_dir": str(Path(cfg.data.instance_dir).expanduser().resolve()),
+            "method": cfg.method.name,
+            "base_model": cfg.model.pretrained,
+            **(datamodule.subject() if hasattr(datamodule, "subject") else {}),
         }
-        export_pipeline(
-            module, Path(cfg.paths.output_dir) / "export", cfg.sampling.scheduler, metadata=subject
-        )
+        export_run(cfg, module, Path(cfg.paths.output_dir) / "export", metadata)
     finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}
+
+
+def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any]) -> None:
+    """The method's own artefact. A parameter-efficient artefact needs its base model: one built
+    from config (no hub id or folder to point at) is exported beside it as base_model/."""
+    base = None
+    if not cfg.model.pretrained and module.artefact != "pipeline":
+        base = load_sd_components(cfg.model)  # a fresh tokenizer: no added tokens
+    export_pipeline(module, out_dir, cfg.sampling.scheduler, metadata, base_components=base)
+
+
+def log_parameter_counts(module, loggers) -> None:
+    trainable = module.trained_parameter_count()
+    unet = sum(p.numel() for n, p in module.unet.named_parameters() if "lora_" not in n)
+    share = trainable / unet if unet else float("nan")
+    log.info(
+        "trainable parameters: %s (%.4f%% of the UNet's %s)",
+        f"{trainable:,}",
+        100 * share,
+        f"{unet:,}",
+    )
+    counts = {"params/trainable": trainable, "params/unet": unet, "params/share_of_unet": share}
+    for lg in loggers:
+        lg.log_hyperparams(counts)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

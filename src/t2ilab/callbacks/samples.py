@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class SampleGridCallback(L.Callback):
-    """Generates `prompts` (templates over the module's `prompt_vars`, e.g. {identifier}) with
-    fixed seeds, one grid row per prompt, saved as samples/step_XXXXXX.png and logged to W&B."""
+    """Generates `prompts` (templates over the module's `prompt_vars`, e.g. {identifier}; None:
+    the datamodule's `validation_prompts()`) with fixed seeds, one grid row per prompt, saved as
+    samples/step_XXXXXX.png and logged to W&B."""
 
     def __init__(
         self,
-        prompts: list[str],
+        prompts: list[str] | None,
         output_dir: str,
         every_n_steps: int = 0,
         at_end: bool = True,
@@ -34,7 +35,7 @@ class SampleGridCallback(L.Callback):
         guidance_scale: float = 7.5,
         resolution: int | None = None,
     ):
-        self.prompts = list(prompts)
+        self.prompts = list(prompts) if prompts is not None else None
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.at_end = at_end
@@ -62,10 +63,14 @@ class SampleGridCallback(L.Callback):
 
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path | None:
-        if not self.prompts:
+        templates = self.prompts
+        if templates is None:  # the data's own, e.g. the first training captions
+            source = getattr(trainer, "datamodule", None)
+            templates = source.validation_prompts() if hasattr(source, "validation_prompts") else []
+        if not templates:
             return None
         self._last_step = trainer.global_step
-        prompts = [p.format(**pl_module.prompt_vars) for p in self.prompts]
+        prompts = [p.format(**pl_module.prompt_vars) for p in templates]
         images = generate_images(
             pl_module,
             prompts,

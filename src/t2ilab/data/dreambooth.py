@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2ilab.data.identifier import pick_rare_identifier, validate_identifier_in_prompt
-from t2ilab.data.images import ImageTransform, list_images, load_rgb
+from t2ilab.data.images import ImageTransform, check_image_folder, list_images, load_rgb
 from t2ilab.errors import UserError
 
 
@@ -140,48 +140,109 @@ def collate_dreambooth(examples: list[dict[str, torch.Tensor]]) -> dict[str, tor
 
 
 class DreamBoothDataModule(L.LightningDataModule):
+    """Subject images plus, with prior preservation, class images generated before training.
+
+    The orchestration calls `check()` (cheap, before any weights load), `bind(tokenizer, seed)`
+    (resolves the identifier and prompts), then fills `class_dir` up to `num_class_images`."""
+
     def __init__(
         self,
         instance_dir: str,
         class_dir: str | None = None,
+        identifier: str | None = "sks",
+        class_noun: str | None = None,
+        instance_prompt: str | None = None,
+        instance_prompt_template: str = "a photo of {identifier} {class_noun}",
+        class_prompt: str | None = None,
+        identifier_id_range: tuple[int, int] = (40000, 49406),
+        with_prior_preservation: bool = True,
+        num_class_images: int = 200,
         resolution: int = 512,
         center_crop: bool = True,
         random_flip: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
-        **_prompt_keys,  # identifier, class_noun, prompts...: resolved by resolve_prompts()
     ):
         super().__init__()
-        self.instance_dir = Path(instance_dir).expanduser()
+        self.instance_dir = Path(instance_dir).expanduser() if instance_dir else None
         self.class_dir = Path(class_dir).expanduser() if class_dir else None
+        self.prompt_config = dict(
+            identifier=identifier,
+            class_noun=class_noun,
+            instance_prompt=instance_prompt,
+            instance_prompt_template=instance_prompt_template,
+            class_prompt=class_prompt,
+            with_prior_preservation=with_prior_preservation,
+        )
+        self.identifier_id_range = tuple(identifier_id_range)
+        self.with_prior_preservation = with_prior_preservation
+        self.num_class_images = num_class_images if with_prior_preservation else 0
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.tokenizer = None
+        self.prompt_transform = None
         self.prompts: DreamBoothPrompts | None = None
-        self.num_class_images = 0
 
-    def bind(self, tokenizer, prompts: DreamBoothPrompts, num_class_images: int) -> None:
-        """Give the datamodule what is only known once the model's tokenizer is loaded."""
+    def check(self) -> None:
+        """Everything the user gave, checked without loading a model."""
+        check_image_folder(self.instance_dir, "data.instance_dir")
+        c = self.prompt_config
+        if self.with_prior_preservation and not (c["class_noun"] or c["class_prompt"]):
+            raise UserError(
+                "prior preservation needs a class: set data.class_noun=NOUN (e.g. dog) or "
+                "data.class_prompt='a photo of a dog', or turn it off with "
+                "method.prior_preservation=false"
+            )
+        if c["instance_prompt"] and c["identifier"]:
+            try:
+                validate_identifier_in_prompt(c["instance_prompt"], c["identifier"])
+            except ValueError as err:
+                raise UserError(f"data.instance_prompt: {err}") from None
+
+    def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
+        """Resolve the prompts with the model's tokenizer; returns the prompt variables
+        ({identifier}, {class_noun}) that sample and evaluation prompts are filled with.
+        `prompt_transform` rewrites prompts before tokenizing (e.g. multi-vector placeholders)."""
         self.tokenizer = tokenizer
-        self.prompts = prompts
-        self.num_class_images = num_class_images
+        self.prompt_transform = prompt_transform
+        self.prompts = resolve_prompts(
+            **self.prompt_config,
+            tokenizer=tokenizer,
+            seed=seed,
+            identifier_id_range=self.identifier_id_range,
+        )
+        return {"identifier": self.prompts.identifier, "class_noun": self.prompts.class_noun or ""}
+
+    @property
+    def class_prompt(self) -> str | None:
+        return self.prompts.class_prompt if self.prompts and self.with_prior_preservation else None
+
+    def subject(self) -> dict[str, str | None]:
+        """What evaluation needs to measure this subject (and what the export records)."""
+        p = self.prompts
+        return {
+            "identifier": p.identifier,
+            "class_noun": p.class_noun,
+            "instance_prompt": p.instance_prompt,
+            "class_prompt": p.class_prompt,
+            "instance_dir": str(self.instance_dir.resolve()),
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None or self.prompts is None:
-            raise RuntimeError(
-                "DreamBoothDataModule.bind(tokenizer, prompts, ...) must run before setup"
-            )
+            raise RuntimeError("DreamBoothDataModule.bind(tokenizer) must run before setup")
+        transform = self.prompt_transform or (lambda prompt: prompt)
         class_images = None
-        if self.prompts.class_prompt is not None and self.num_class_images > 0:
+        if self.class_prompt is not None and self.num_class_images > 0:
             class_images = list_images(self.class_dir)[: self.num_class_images]
         self.dataset = DreamBoothDataset(
             list_images(self.instance_dir),
-            self.prompts.instance_prompt,
+            transform(self.prompts.instance_prompt),
             self.tokenizer,
             self.transform,
             class_images,
-            self.prompts.class_prompt,
+            transform(self.prompts.class_prompt) if class_images else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -113,6 +113,10 @@ class DiffusionModule(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trained_parameter_count(self) -> int:
+        """Parameters the method actually changes (reported as the method's size)."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
     def configure_optimizers(self):
         params = self.trainable_parameters()
         if not params:

@@ -3,6 +3,8 @@ subject images, with the class-specific prior-preservation loss of the shared st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,19 @@ from t2ilab.modules.base import DiffusionModule
 
 
 class TextToImageModule(DiffusionModule):
-    """A UNet conditioned on CLIP text-encoder states: the Stable Diffusion family."""
+    """A UNet conditioned on CLIP text-encoder states: the Stable Diffusion family.
+
+    Full fine-tuning of the UNet (and optionally the text encoder); parameter-efficient methods
+    subclass it and change what is trainable and how the artefact is saved.
+    """
+
+    artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer, method_cfg) -> Callable[[str], str] | None:
+        """Before any prompt is tokenized: add tokens the method trains (textual inversion) and
+        return a prompt rewrite to use them, or None."""
+        return None
 
     def __init__(
         self,
@@ -34,6 +48,7 @@ class TextToImageModule(DiffusionModule):
         self.unet.requires_grad_(train_unet)
         self.text_encoder.requires_grad_(train_text_encoder)
         self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
+        self.prompt_transform: Callable[[str], str] | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -48,7 +63,10 @@ class TextToImageModule(DiffusionModule):
     def encode_condition(self, batch: dict[str, Any]) -> torch.Tensor:
         if "prompt_embeds" in batch:
             return batch["prompt_embeds"]
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+        # Gradients through the text encoder only when some of it trains (fine-tuning, LoRA on the
+        # text encoder, textual inversion's embedding rows).
+        text_trains = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(text_trains and torch.is_grad_enabled()):
             return self.text_encoder(batch["input_ids"])[0]
 
     def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
@@ -57,6 +75,10 @@ class TextToImageModule(DiffusionModule):
     def pipeline(self, scheduler):
         """A StableDiffusionPipeline over this module's current weights."""
         return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+
+    def save_artefact(self, folder: Path, scheduler) -> None:
+        """The trained model in its standard format; here a whole diffusers pipeline folder."""
+        self.pipeline(scheduler).save_pretrained(folder, safe_serialization=True)
 
 
 class DreamBoothModule(TextToImageModule):
