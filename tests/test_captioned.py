@@ -224,6 +224,22 @@ def test_prompts_class_prompt_and_validation_prompts(tmp_path, tokenizer):
     assert dm.validation_prompts(n=10) == [f"caption {k}" for k in range(6)]
 
 
+def test_validation_prompts_are_templates_that_format_to_the_caption(tmp_path):
+    _sidecar(tmp_path, {"a": "a {weird} caption with {} braces"})
+    (template,) = CaptionedDataModule(str(tmp_path)).validation_prompts()
+    assert template.format(identifier="sks") == "a {weird} caption with {} braces"
+
+
+def test_prompt_transform_rewrites_training_captions(tmp_path, tokenizer):
+    folder = _sidecar(tmp_path, {"a": "a photo of <cat>"})
+    dm = CaptionedDataModule(str(folder), resolution=16)
+    dm.check()
+    dm.bind(tokenizer, seed=0, prompt_transform=lambda p: p.replace("<cat>", "sks cat"))
+    dm.setup("fit")
+    assert torch.equal(dm.dataset[0]["input_ids"], tokenize(tokenizer, "a photo of sks cat"))
+    assert dm.validation_prompts() == ["a photo of <cat>"]  # as the user wrote it
+
+
 def test_caption_dropout_one_gives_empty_caption_ids(tmp_path, tokenizer):
     folder = _sidecar(tmp_path, {"a": "a red circle", "b": "a blue square"})
     dm = _datamodule(folder, tokenizer, batch_size=2, caption_dropout=1.0)

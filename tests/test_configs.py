@@ -11,7 +11,6 @@ import pytest
 from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
-from t2ilab.data.dreambooth import DreamBoothDataModule
 from t2ilab.loggers import build_loggers
 from t2ilab.models.loading import load_sd_components
 from t2ilab.modules.base import DiffusionModule
@@ -32,6 +31,8 @@ def test_the_four_improved_dreambooth_arms_exist():
 def test_experiment_composes_and_instantiates(experiment, make_cfg):
     cfg = make_cfg(f"experiment={experiment}", *FAST)
     components = load_sd_components(cfg.model)
+    module_class = hydra.utils.get_class(cfg.method.module._target_)
+    module_class.prepare_tokenizer(components.tokenizer, cfg.method)  # as train.py does
     module = hydra.utils.instantiate(
         cfg.method.module,
         unet=components.unet,
@@ -44,7 +45,9 @@ def test_experiment_composes_and_instantiates(experiment, make_cfg):
     assert isinstance(module, DiffusionModule)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.param_groups[0]["lr"] == cfg.method.lr
-    assert isinstance(hydra.utils.instantiate(cfg.data), DreamBoothDataModule)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    datamodule.check()  # the bundled example data passes the checks
     trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=[])
     assert isinstance(trainer, L.Trainer)
     for callback in cfg.callbacks.values():

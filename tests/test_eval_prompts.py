@@ -61,7 +61,7 @@ def test_defaults(cfg):
     assert cfg.prompts is None
     assert cfg.images_per_prompt == 4
     assert cfg.prior_prompt == "a {class_noun}"
-    assert OmegaConf.to_container(OmegaConf.load(CONF / "none.yaml")) == {"enabled": False}
+    assert OmegaConf.load(CONF / "none.yaml").enabled is False
 
 
 def test_select_prompts_by_subject_type(cfg):

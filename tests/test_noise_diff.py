@@ -168,8 +168,10 @@ def test_grid_png_size_and_normalisation(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
+    # steps_offset / clip_sample as in SD's own configs: the pipeline warns otherwise.
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
     pipe = build_sd_pipeline(
-        tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], tiny["scheduler"]
+        tiny["unet"], tiny["vae"], tiny["text_encoder"], tiny["tokenizer"], scheduler
     )
     pipe.save_pretrained(root / "pipeline")
     (root / "images").mkdir()

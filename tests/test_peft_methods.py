@@ -179,3 +179,35 @@ def test_textual_inversion_rejects_bad_tokens(components):
                 {"placeholder_token": "<n>", "initializer_token": "a big toy", "num_vectors": 1}
             ),
         )
+
+
+@pytest.mark.parametrize(
+    "experiment,artefact",
+    [
+        ("lora_dreambooth", "pytorch_lora_weights.safetensors"),
+        ("textual_inversion", "learned_embeds.safetensors"),
+        ("lora_finetune", "pytorch_lora_weights.safetensors"),
+    ],
+)
+def test_experiment_trains_and_exports(experiment, artefact, tmp_path):
+    import json
+
+    from _support import FAST, run_train
+
+    run_dir = tmp_path / "run"
+    proc = run_train([f"experiment={experiment}", *FAST, "trainer.max_steps=2"], run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = run_dir / "export"
+    assert (export / artefact).is_file()
+    assert (export / "base_model" / "model_index.json").is_file()  # tiny base: shipped alongside
+    metadata = json.loads((export / "t2ilab.json").read_text())
+    assert metadata["artefact"] in {"lora", "textual_inversion"}
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "ok" and results["steps"] == 2
+    pipe = load_export(export)
+    prompt = (
+        "a photo of <t2ilab-subject> toy" if experiment == "textual_inversion" else "a red star"
+    )
+    assert pipe(prompt, num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+    if experiment == "lora_finetune":
+        assert list((run_dir / "samples").glob("step_*.png"))  # from the training captions

@@ -251,6 +251,7 @@ class CaptionedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.caption_dropout = caption_dropout
         self.tokenizer = None
+        self.prompt_transform = None
         self.items: list[tuple[Path, str]] | None = None
 
     def check(self) -> None:
@@ -263,34 +264,44 @@ class CaptionedDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size={self.batch_size} must be at least 1")
         self.items = read_captioned_folder(self.train_dir, self.caption_column)
 
-    def bind(self, tokenizer, seed: int = 0) -> dict[str, str]:
+    def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
         """Store the model's tokenizer; returns the prompt variables this data defines (none:
-        captions are used verbatim, there is no identifier or class noun)."""
+        captions are used verbatim, there is no identifier or class noun). `prompt_transform`
+        rewrites captions before tokenizing (e.g. textual inversion's multi-vector tokens)."""
         self.tokenizer = tokenizer
+        self.prompt_transform = prompt_transform
         if self.items is None:
             self.check()
         limit = getattr(tokenizer, "model_max_length", None)
         if limit:
-            long = [c for _, c in self.items if len(tokenizer(c).input_ids) > limit]
+            captions = [c for _, c in self._training_items()]
+            long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
             if long:
                 log.warning(
                     "%d of %d captions are longer than %d tokens and will be truncated, first: %r",
                     len(long),
-                    len(self.items),
+                    len(captions),
                     limit,
                     long[0],
                 )
         return {}
+
+    def _training_items(self) -> list[tuple[Path, str]]:
+        transform = self.prompt_transform or (lambda prompt: prompt)
+        return [(path, transform(caption)) for path, caption in self.items]
 
     @property
     def class_prompt(self) -> str | None:
         return None  # no prior preservation on captioned data
 
     def validation_prompts(self, n: int = 4) -> list[str]:
-        """The first `n` training captions, so sample grids show what the model was taught."""
+        """The first `n` training captions, so sample grids show what the model was taught.
+
+        Returned as prompt templates, like every `validation_prompts()`: braces are doubled, so
+        `caption.format(**prompt_vars)` gives the caption back verbatim."""
         if self.items is None:
             self.check()
-        return [caption for _, caption in self.items[:n]]
+        return [c.replace("{", "{{").replace("}", "}}") for _, c in self.items[:n]]
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -298,7 +309,7 @@ class CaptionedDataModule(L.LightningDataModule):
         if self.items is None:
             self.check()
         self.dataset = CaptionedDataset(
-            self.items, self.tokenizer, self.transform, self.caption_dropout
+            self._training_items(), self.tokenizer, self.transform, self.caption_dropout
         )
 
     def train_dataloader(self) -> DataLoader:
