@@ -1,7 +1,8 @@
 """Running one Hydra task (train or evaluate) so that results.json is always written.
 
 A user error ends a single run with one line on stderr and exit code 2; in a multirun sweep
-any failure is recorded in that run's results.json and the sweep goes on.
+any failure is recorded in that run's results.json and the sweep goes on. A SkipRun (a
+configuration that cannot run by design) is recorded as "skipped" and is not an error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from t2ilab.errors import UserError
+from t2ilab.errors import SkipRun, UserError
 from t2ilab.results import collect_factors, write_results
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ def run_task(
 
     try:
         outcome = task(cfg)
+    except SkipRun as err:
+        status, reason = "skipped", str(err)
+        log.warning("skipped: %s", err)
     except UserError as err:
         status, reason = "failed", str(err)
         log.error("%s", err)

@@ -102,13 +102,14 @@ def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns metrics. Raises UserError on bad input before weights load."""
     L.seed_everything(cfg.seed, workers=True)
+    module_class = hydra.utils.get_class(cfg.method.module._target_)
+    module_class.check_method(cfg.method)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
     resume_from = resolve_ckpt_path(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    module_class = hydra.utils.get_class(cfg.method.module._target_)
     # A method may add tokens (textual inversion) and rewrite prompts to use them.
     prompt_transform = module_class.prepare_tokenizer(tokenizer, cfg.method)
     prompt_vars = datamodule.bind(tokenizer, seed=int(cfg.seed), prompt_transform=prompt_transform)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from adapter_testlib import (
@@ -9,7 +12,6 @@ from adapter_testlib import (
     TRANSFORMER_BLOCK,
     perturb,
     run,
-    single_block_filter,
     tiny_unet,
     unet_inputs,
 )
@@ -185,33 +187,25 @@ def test_activation_and_scale(activation, scale):
     torch.testing.assert_close(adapter(x), by_hand)
 
 
-def test_scale_scales_the_effect(inputs):
-    """The adapter output (hence, with everything else fixed, the first block's delta) is linear in s."""
-    outs = {}
+def test_scale_scales_the_effect():
+    """Same adapter weights, scale 2 vs 1: the block's change doubles."""
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 16, 64, generator=g), torch.randn(2, 5, 32, generator=g)
+    effects = []
     for scale in (1.0, 2.0):
         unet = tiny_unet()
         adapters = attach_adapters(
-            unet,
-            AdapterConfig(
-                "Trans_out",
-                "Trans_out",
-                rank=4,
-                scale=scale,
-                block_filter=single_block_filter(TRANSFORMER_BLOCK),
-            ),
+            unet, AdapterConfig("Trans_out", "Trans_out", rank=4, scale=scale)
         )
         perturb(adapters)
         block = unet.get_submodule(TRANSFORMER_BLOCK)
-        seen = {}
-        block.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out))
-        run(unet, inputs)
-        adapters.enabled = False
-        run(unet, inputs)
-        outs[scale] = seen["out"]
-        adapters.enabled = True
-        run(unet, inputs)
-        outs[scale] = seen["out"] - outs[scale]
-    torch.testing.assert_close(outs[2.0], 2 * outs[1.0])
+        with torch.no_grad():
+            on = block(x, encoder_hidden_states=context)
+            adapters.enabled = False
+            off = block(x, encoder_hidden_states=context)
+        effects.append(on - off)
+    assert effects[0].abs().max() > 1e-3
+    torch.testing.assert_close(effects[1], 2 * effects[0])
 
 
 def test_classifier_free_guidance_batch(shared_unet):
@@ -289,3 +283,42 @@ def test_resblock_adapter_groups_follow_the_resblock():
         assert (up.down.in_channels, up.up.out_channels) == (128, 64)
     finally:
         adapters.remove()
+
+
+def test_pickle_and_deepcopy_keep_adapters_attached(inputs):
+    unet = tiny_unet()
+    base = run(unet, inputs)
+    adapters = attach_adapters(unet, AdapterConfig("FFN_out", "Trans_out", rank=4))
+    perturb(adapters)
+    tuned = run(unet, inputs)
+    for copied in (pickle.loads(pickle.dumps(unet)), copy.deepcopy(unet)):
+        assert torch.equal(run(copied, inputs), tuned)
+        assert count_adapter_parameters(copied) == count_adapter_parameters(unet)
+        hooks = next(iter(copied.get_submodule(TRANSFORMER_BLOCK).ff._forward_hooks.values()))
+        copied_set = hooks.owner.owner
+        assert copied_set is not adapters and copied_set.unet is copied
+        copied_set.remove()
+        assert torch.equal(run(copied, inputs), base)
+        assert torch.equal(run(unet, inputs), tuned)  # the original stays attached
+
+
+def test_unsupported_calls_fail_clearly(inputs):
+    unet = tiny_unet()
+    attach_adapters(unet, AdapterConfig("FFN_out", "Trans_out", rank=4))
+    unet.get_submodule(TRANSFORMER_BLOCK).set_chunk_feed_forward(4, 1)
+    with pytest.raises(RuntimeError, match="feed-forward chunking"):
+        run(unet, inputs)
+    other = tiny_unet()
+    attach_adapters(other, AdapterConfig("CA_c", "FFN_in", rank=4))
+    with pytest.raises(RuntimeError, match="CA_c was not passed"):
+        other.get_submodule(TRANSFORMER_BLOCK)(torch.randn(1, 4, 64))
+
+
+def test_adapters_live_on_the_unets_device_and_a_mismatch_is_a_clear_error(inputs):
+    meta = attach_adapters(tiny_unet().to("meta"), AdapterConfig(rank=4))
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    unet = tiny_unet()
+    adapters = attach_adapters(unet, AdapterConfig(rank=4))
+    adapters.to("meta")  # e.g. the UNet moved but the adapters did not
+    with pytest.raises(RuntimeError, match="Adapter weights are on meta but the UNet runs on cpu"):
+        run(unet, inputs)

@@ -13,6 +13,9 @@ transformer block::
     ff hook          read FFN_out
     block hook       read Trans_out,      write Trans_out
 
+and on a ResnetBlock2D: its pre-hook reads / writes Res_in (the `input_tensor` argument, so the
+change reaches both the residual branch and the shortcut), its forward hook Res_out.
+
 A pair whose input is read after the hook that writes its output (CA_in -> CA_in, FFN_in ->
 FFN_in) rebuilds the input at the writing hook from the residual stashed at an earlier hook
 (h1 = h0 + a1, h2 = h1 + a2), as the official code does (`attn2i = attn1o + attn1i`). Otherwise
@@ -21,7 +24,9 @@ the adapter output computed at the read hook waits in the block's slot until the
 No diffusers class or forward is changed; `AdapterSet.remove()` takes every hook off again. The
 adapters are not registered inside the UNet, so the UNet's state_dict (and any exported pipeline)
 stays the base model; the AdapterSet is the module to train, register (e.g. as a submodule of the
-LightningModule) and save.
+LightningModule) and save. For the same reason the adapters do not follow `unet.to(device)`: they
+are created on the UNet's device at attach time; move them with their owner or `adapters.to()`
+(a mismatch is a clear error, not a silent copy).
 """
 
 from __future__ import annotations
@@ -78,14 +83,12 @@ _REBUILT = {
     ("FFN_in", "FFN_in"): (ATTN2_POST, NORM2_PRE),
 }
 
-# The argument a pre-hook reads/replaces: (position in *args, keyword name), per module kind.
-_PRE_ARG = {
-    BasicTransformerBlock: (0, "hidden_states"),
-    ResnetBlock2D: (0, "input_tensor"),
-    "attn2": (1, "encoder_hidden_states"),
-    "norm": (0, "input"),
-}
-_BLOCK_CONTEXT_ARG = (2, "encoder_hidden_states")  # BasicTransformerBlock.forward signature
+# The argument a pre-hook reads or replaces: (index in *args, keyword), from each forward's signature.
+_HIDDEN_ARG = (0, "hidden_states")  # BasicTransformerBlock.forward
+_CONTEXT_ARG = (2, "encoder_hidden_states")  # BasicTransformerBlock.forward
+_RES_INPUT_ARG = (0, "input_tensor")  # ResnetBlock2D.forward
+_ATTN_CONTEXT_ARG = (1, "encoder_hidden_states")  # Attention.forward
+_NORM_INPUT_ARG = (0, "input")  # LayerNorm.forward
 
 # unet -> the AdapterSets attached to it (for count_adapter_parameters(unet)).
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
@@ -111,6 +114,32 @@ def _set_arg(args: tuple, kwargs: dict, where: tuple[int, str], value: Any) -> t
     return args[:index] + (value,) + args[index + 1 :], kwargs
 
 
+class _PreHook:
+    """A forward pre-hook (with kwargs) that hands one argument to `_BlockHooks.step` and puts
+    back what it returns. A class, not a closure, so a UNet with hooks still pickles."""
+
+    def __init__(self, owner: _BlockHooks, event: tuple[str, str], where: tuple[int, str]):
+        self.owner, self.event, self.where = owner, event, where
+
+    def __call__(self, _module, args, kwargs):
+        stream = _get_arg(args, kwargs, self.where)
+        read = stream
+        if self.event == BLOCK_PRE and self.owner.inp == "CA_c":
+            read = _get_arg(args, kwargs, _CONTEXT_ARG)
+        new = self.owner.step(self.event, stream, read)
+        return None if new is None else _set_arg(args, kwargs, self.where, new)
+
+
+class _PostHook:
+    """A forward hook that hands the module's output to `_BlockHooks.step`."""
+
+    def __init__(self, owner: _BlockHooks, event: tuple[str, str]):
+        self.owner, self.event = owner, event
+
+    def __call__(self, _module, _args, output):
+        return self.owner.step(self.event, output, output)
+
+
 class _BlockHooks:
     """One adapter's hooks on one block, and the tensors carried between them in one forward."""
 
@@ -118,63 +147,51 @@ class _BlockHooks:
         # Strong: a UNet with hooks keeps its adapters alive, even if the caller drops the set.
         self.owner = owner
         self.adapter = adapter
+        self.block = block
         self.inp, self.out = inp, out
         self.write_event = _WRITE[out]
         self.read_event, self.stash_event = _REBUILT.get((inp, out), (_READ[inp], None))
-        if inp == "CA_c" and out == "CA_c":
+        if (inp, out) == ("CA_c", "CA_c"):
             self.read_event = ATTN2_PRE
         self.pending: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
-        self.handles = [
-            self._register(block, event)
-            for event in dict.fromkeys(
-                e for e in (self.stash_event, self.read_event, self.write_event) if e
-            )
-        ]
+        events = dict.fromkeys(
+            e for e in (self.stash_event, self.read_event, self.write_event) if e
+        )
+        self.handles = [self._register(event) for event in events]
 
-    def _register(self, block: nn.Module, event: tuple[str, str]):
+    def _register(self, event: tuple[str, str]):
         attr, kind = event
-        module = getattr(block, attr) if attr else block
+        module = getattr(self.block, attr) if attr else self.block
         if kind == "post":
-
-            def post_hook(_module, _args, output):
-                return self.step(event, output)
-
-            return module.register_forward_hook(post_hook)
-        if attr == "":
-            where = _PRE_ARG[
-                ResnetBlock2D if isinstance(block, ResnetBlock2D) else BasicTransformerBlock
-            ]
+            return module.register_forward_hook(_PostHook(self, event))
+        if attr == "attn2":
+            where = _ATTN_CONTEXT_ARG
+        elif attr:
+            where = _NORM_INPUT_ARG
         else:
-            where = _PRE_ARG["attn2" if attr == "attn2" else "norm"]
+            where = _RES_INPUT_ARG if isinstance(self.block, ResnetBlock2D) else _HIDDEN_ARG
+        return module.register_forward_pre_hook(_PreHook(self, event, where), with_kwargs=True)
 
-        def pre_hook(_module, args, kwargs):
-            context = None
-            if event == BLOCK_PRE and self.inp == "CA_c":
-                context = _get_arg(args, kwargs, _BLOCK_CONTEXT_ARG)
-            new = self.step(event, _get_arg(args, kwargs, where), context)
-            return None if new is None else _set_arg(args, kwargs, where, new)
-
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def step(self, event, stream: torch.Tensor, context: torch.Tensor | None = None):
-        """This adapter's work at `event`, where `stream` is the tensor the hook sees (and may
-        replace). Returns the replacement, or None to leave it unchanged."""
+    def step(self, event, stream: torch.Tensor, read: torch.Tensor | None):
+        """This adapter's work at `event`: `stream` is the tensor the hook may replace, `read` the
+        adapter's input if it is read here. Returns the replacement, or None for no change."""
         if not self.owner.enabled:
             return None
         if event == self.stash_event:
             self.residual = stream
         delta = None
         if event == self.read_event:
-            if context is not None:
-                x = context
-            elif self.stash_event is not None:
-                x, self.residual = self.residual + stream, None
-            else:
-                x = stream
-            if x is None:
+            if event == FF_POST and getattr(self.block, "_chunk_size", None) is not None:
+                raise RuntimeError(
+                    "Adapters reading FFN_out do not support feed-forward chunking; "
+                    "turn it off with block.set_chunk_feed_forward(None)."
+                )
+            if self.stash_event is not None:  # CA_in / FFN_in rebuilt at the writing hook
+                read, self.residual = self.residual + stream, None
+            if read is None:
                 raise RuntimeError(f"Adapter input {self.inp} was not passed to the block.")
-            delta = self.adapter(x)
+            delta = self.adapter(read)
             if event != self.write_event:
                 self.pending = delta
                 return None
@@ -183,8 +200,8 @@ class _BlockHooks:
                 delta, self.pending = self.pending, None
                 if delta is None:
                     raise RuntimeError(
-                        f"Adapter {self.inp} -> {self.out}: the output hook ran before the input hook "
-                        "(is feed-forward chunking or a custom block forward in use?)."
+                        f"Adapter {self.inp} -> {self.out}: the output hook ran before the input "
+                        "hook (a custom block forward?)."
                     )
             return stream + delta
         return None
@@ -235,6 +252,20 @@ class AdapterSet(nn.Module):
         unet = self.unet
         if unet is not None and unet in _ATTACHED:
             _ATTACHED[unet].discard(self)
+
+    # Pickling / deepcopy (of the UNet, or of a LightningModule holding both) keep the set attached
+    # to the copied UNet: the weak reference travels as a strong one and is weak again on arrival.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_unet_ref"] = self.unet
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        unet = state.pop("_unet_ref", None)
+        super().__setstate__(state)
+        self._unet_ref = None if unet is None else weakref.ref(unet)
+        if unet is not None and self._hooks:
+            _ATTACHED.setdefault(unet, weakref.WeakSet()).add(self)
 
     def extra_repr(self) -> str:
         c = self.config

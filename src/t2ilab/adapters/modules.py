@@ -7,6 +7,14 @@ import torch
 from torch import nn
 
 
+def _check_device(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.device != weight.device:
+        raise RuntimeError(
+            f"Adapter weights are on {weight.device} but the UNet runs on {x.device}: move the "
+            "AdapterSet too (adapters.to(device)), or attach / load adapters after moving the UNet."
+        )
+
+
 def make_activation(name: str) -> nn.Module:
     """relu | sigmoid | silu | identity (AdapterConfig has already normalised the name)."""
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "silu": nn.SiLU, "identity": nn.Identity}[
@@ -42,6 +50,7 @@ class TransformerAdapter(nn.Module):
         self.pool_tokens = pool_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_device(x, self.down.weight)
         y = self.up(self.act(self.down(x.to(self.down.weight.dtype)))) * self.scale
         if self.pool_tokens:
             y = y.mean(dim=1, keepdim=True)
@@ -79,6 +88,7 @@ class ResBlockAdapter(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_device(x, self.down.weight)
         h = self.nonlinearity(self.norm(x.to(self.down.weight.dtype)))
         return (self.up(self.act(self.down(h))) * self.scale).to(x.dtype)
 

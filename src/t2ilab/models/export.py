@@ -95,7 +95,7 @@ def load_export(export_dir: str | Path, base_model: str | None = None):
     elif artefact == "adapters":
         from t2ilab.adapters import load_adapters
 
-        load_adapters(pipe, export_dir / "adapters.safetensors")
+        load_adapters(pipe, export_dir / "adapters.safetensors")  # modules.adapter.ADAPTERS_FILE
     else:
         raise UserError(f"{export_dir}: unknown artefact {artefact!r} in {METADATA_FILE}")
     return pipe

@@ -23,6 +23,10 @@ class TextToImageModule(DiffusionModule):
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
 
     @classmethod
+    def check_method(cls, method_cfg) -> None:
+        """Cheap checks of the method's config, before any weights load."""
+
+    @classmethod
     def prepare_tokenizer(cls, tokenizer, method_cfg) -> Callable[[str], str] | None:
         """Before any prompt is tokenized: add tokens the method trains (textual inversion) and
         return a prompt rewrite to use them, or None."""

@@ -1,0 +1,80 @@
+"""Adapters of the Xiang et al. 2023 design space on a frozen UNet (t2ilab.adapters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from t2ilab.adapters import AdapterConfig, InvalidAdapterPair, attach_adapters, save_adapters
+from t2ilab.errors import SkipRun
+from t2ilab.modules.dreambooth import TextToImageModule
+
+ADAPTERS_FILE = "adapters.safetensors"  # + adapters.json, beside it in the export
+
+
+class AdapterModule(TextToImageModule):
+    """One adapter per transformer block (or ResBlock); only the adapters train."""
+
+    artefact = "adapters"
+
+    @classmethod
+    def check_method(cls, method_cfg) -> None:
+        """Before any weights load: an impossible position pair skips the run (not an error)."""
+        try:
+            adapter_config(method_cfg)
+        except InvalidAdapterPair as err:
+            raise SkipRun(str(err)) from None
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config,
+        input_position: str = "CA_out",
+        output_position: str = "FFN_in",
+        rank: int | None = None,
+        activation: str = "relu",
+        scale: float = 1.0,
+        block_filter: str | None = None,
+        **base_kwargs,
+    ):
+        base_kwargs.pop("train_unet", None)
+        base_kwargs.pop("train_text_encoder", None)
+        super().__init__(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            train_unet=False,
+            train_text_encoder=False,
+            **base_kwargs,
+        )
+        config = AdapterConfig(
+            input_position=input_position,
+            output_position=output_position,
+            rank=rank,
+            activation=activation,
+            scale=scale,
+            block_filter=block_filter,
+        )
+        # A submodule of this LightningModule (not of the UNet): it trains, checkpoints and
+        # moves with the module, while the UNet's own state dict stays the base model's.
+        self.adapters = attach_adapters(unet, config)
+        self.adapters.requires_grad_(True)
+
+    def save_artefact(self, folder: Path, scheduler) -> None:
+        save_adapters(self.adapters, Path(folder) / ADAPTERS_FILE)
+        scheduler.save_pretrained(Path(folder) / "scheduler")
+
+
+def adapter_config(method_cfg) -> AdapterConfig:
+    return AdapterConfig(
+        input_position=method_cfg.input_position,
+        output_position=method_cfg.output_position,
+        rank=method_cfg.get("rank"),
+        activation=method_cfg.get("activation", "relu"),
+        scale=float(method_cfg.get("scale", 1.0)),
+        block_filter=method_cfg.get("block_filter"),
+    )
