@@ -23,8 +23,8 @@ from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_pipeline
-from t2ilab.models.loading import load_sd_components, load_tokenizer
-from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
+from t2ilab.models.loading import load_components, load_sd_components, load_tokenizer
+from t2ilab.models.pipelines import make_sampler
 from t2ilab.runner import experiment_name, run_task
 from t2ilab.validation import check_resolution
 
@@ -59,10 +59,7 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
     class_dir = Path(
         class_dir or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
     ).expanduser()
-    sampler = make_sampler(cfg.sampling.scheduler, components.scheduler_config)
-    pipe = build_sd_pipeline(
-        components.unet, components.vae, components.text_encoder, components.tokenizer, sampler
-    )
+    pipe = components.pipeline(make_sampler(cfg.sampling.scheduler, components.scheduler_config))
     device = generation_device(cfg)
     pipe.to(device)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -79,6 +76,65 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
         )
     pipe.to("cpu")
     return class_dir
+
+
+def init_from_source(cfg: DictConfig) -> Path | None:
+    """model.init_from: a previous stage's run dir or export (its transformer/ folder)."""
+    init = cfg.model.get("init_from")
+    if not init:
+        return None
+    path = Path(init).expanduser()
+    if (path / "export" / "transformer").is_dir():
+        path = path / "export"
+    if not (path / "transformer" / "config.json").is_file():
+        raise UserError(
+            f"model.init_from={init} holds no transformer/: pass the previous stage's run dir "
+            "or its export/ (a DiTPipeline or PixArtAlphaPipeline folder)"
+        )
+    return path
+
+
+def check_model_inputs(cfg: DictConfig, datamodule) -> None:
+    """Model/data combinations that cannot work, before any weights load."""
+    source = init_from_source(cfg)
+    family = cfg.model.get("family", "sd")
+    if source is not None and family != "pixart":
+        raise UserError(f"model.init_from is for PixArt stages; model {cfg.model.name} is {family}")
+    if family == "dit" and hasattr(datamodule, "classes") and not cfg.model.pretrained:
+        limit = int(cfg.model.tiny.transformer.num_embeds_ada_norm)
+        if len(datamodule.classes) > limit:
+            raise UserError(
+                f"{len(datamodule.classes)} classes in data.train_dir but the DiT has "
+                f"{limit} class embeddings: set model.tiny.transformer.num_embeds_ada_norm="
+                f"{len(datamodule.classes)}"
+            )
+
+
+def init_from_previous_stage(cfg: DictConfig, components) -> None:
+    """Stage hand-over: a PixArt transformer from the previous PixArt stage, or reparameterised
+    from a class-conditional DiT (PixArt-alpha sec. 2.3)."""
+    source = init_from_source(cfg)
+    if source is None:
+        return
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    from t2ilab.models.dit_to_pixart import convert_dit_to_pixart
+    from t2ilab.models.transformers import is_dit_folder
+
+    config = components.transformer.config
+    if is_dit_folder(source):
+        dit = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer")
+        components.transformer = convert_dit_to_pixart(
+            dit,
+            cross_attention_dim=config.cross_attention_dim,
+            caption_channels=config.caption_channels,
+        )
+        log.info("init: PixArt transformer reparameterised from the DiT in %s", source)
+    else:
+        components.transformer = PixArtTransformer2DModel.from_pretrained(
+            source, subfolder="transformer"
+        )
+        log.info("init: PixArt transformer from %s", source)
 
 
 def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
@@ -107,6 +163,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
+    check_model_inputs(cfg, datamodule)
     resume_from = resolve_ckpt_path(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -116,7 +173,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("prompt variables: %s", prompt_vars)
     protocol = build_protocol(cfg, datamodule)
 
-    components = load_sd_components(cfg.model, tokenizer)
+    components = load_components(cfg.model, tokenizer)
+    init_from_previous_stage(cfg, components)
     if datamodule.class_prompt:
         datamodule.class_dir = prepare_class_images(
             cfg, components, datamodule.class_prompt, datamodule.class_dir
@@ -124,13 +182,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     module = hydra.utils.instantiate(
         cfg.method.module,
-        unet=components.unet,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        scheduler_config=components.scheduler_config,
+        **components.module_kwargs(),
         noise=OmegaConf.to_container(cfg.noise, resolve=True),
     )
+    if hasattr(datamodule, "id2label"):  # class-conditional: the export names its classes
+        module.id2label = datamodule.id2label
     module.prompt_vars = prompt_vars
     module.prompt_transform = prompt_transform
 
@@ -180,15 +236,15 @@ def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any])
 
 def log_parameter_counts(module, loggers) -> None:
     trainable = module.trained_parameter_count()
-    unet = sum(p.numel() for n, p in module.unet.named_parameters() if "lora_" not in n)
+    unet = sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n)
     share = trainable / unet if unet else float("nan")
     log.info(
-        "trainable parameters: %s (%.4f%% of the UNet's %s)",
+        "trainable parameters: %s (%.4f%% of the denoiser's %s)",
         f"{trainable:,}",
         100 * share,
         f"{unet:,}",
     )
-    counts = {"params/trainable": trainable, "params/unet": unet, "params/share_of_unet": share}
+    counts = {"params/trainable": trainable, "params/denoiser": unet, "params/share": share}
     for lg in loggers:
         lg.log_hyperparams(counts)
 

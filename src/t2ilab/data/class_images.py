@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from t2ilab.data.images import list_images
+from t2ilab.models.pipelines import exact_size_kwargs
 from t2ilab.utils.atomic import save_image_atomic
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,17 @@ def generate_class_images(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in chunk]
+            # Only pass negative_prompt when set: PixArt's pipeline takes "" as "none", not None.
+            extra = {"negative_prompt": [negative_prompt] * len(chunk)} if negative_prompt else {}
             images = pipeline(
                 prompt=[prompt] * len(chunk),
-                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
                 height=resolution,
                 width=resolution,
+                **extra,
+                **exact_size_kwargs(pipeline),
             ).images
             for index, image in zip(chunk, images, strict=True):
                 save_image_atomic(image, class_dir / class_image_name(index))

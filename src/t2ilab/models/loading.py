@@ -29,6 +29,21 @@ class StableDiffusionComponents:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
 
+    def module_kwargs(self) -> dict[str, Any]:
+        """What a method's LightningModule is built from."""
+        return dict(
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler_config,
+        )
+
+    def pipeline(self, scheduler):
+        from t2ilab.models.pipelines import build_sd_pipeline
+
+        return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -79,7 +94,9 @@ def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
         vae_config = check_pretrained_reference(model_cfg["pretrained"], model_cfg.get("revision"))
     else:
         vae_config = model_cfg["tiny"]["vae"]
-    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    # Transformer backbones also patchify the latent (PixArt / DiT: patch_size 2).
+    patch = int(model_cfg.get("patch_size", 1))
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1) * patch
 
 
 def _source(model_cfg: dict[str, Any]) -> str:
@@ -87,9 +104,35 @@ def _source(model_cfg: dict[str, Any]) -> str:
     return str(Path(pretrained).expanduser()) if is_local_reference(pretrained) else pretrained
 
 
-def load_tokenizer(model_cfg: DictConfig | dict) -> CLIPTokenizer:
+def model_family(model_cfg) -> str:
+    """sd (UNet + CLIP), pixart (PixArt transformer + T5) or dit (class-conditional DiT)."""
+    return _plain(model_cfg).get("family", "sd")
+
+
+def load_components(model_cfg: DictConfig | dict, tokenizer=None):
+    """The backbone's components for any family; each has module_kwargs() and pipeline()."""
+    family = model_family(model_cfg)
+    if family == "sd":
+        return load_sd_components(model_cfg, tokenizer)
+    from t2ilab.models import transformers as tr
+
+    if family == "pixart":
+        return tr.load_pixart_components(model_cfg, tokenizer)
+    if family == "dit":
+        return tr.load_dit_components(model_cfg)
+    raise UserError(f"model.family={family} is not one of sd, pixart, dit")
+
+
+def load_tokenizer(model_cfg: DictConfig | dict):
     """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
     model_cfg = _plain(model_cfg)
+    family = model_cfg.get("family", "sd")
+    if family == "pixart":
+        from t2ilab.models.transformers import load_t5_tokenizer
+
+        return load_t5_tokenizer(model_cfg)
+    if family == "dit":
+        return None  # class-conditional: no text
     if model_cfg.get("pretrained"):
         return CLIPTokenizer.from_pretrained(
             _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")

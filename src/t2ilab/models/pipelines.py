@@ -36,3 +36,13 @@ def build_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDi
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def exact_size_kwargs(pipe) -> dict[str, Any]:
+    """Call kwargs so a pipeline renders exactly the requested height/width. PixArt's pipelines
+    otherwise snap sizes to aspect-ratio bins computed for an 8x VAE, which is wrong for tiny
+    models and not what validation/evaluation at the training resolution wants."""
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    return {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}

@@ -54,8 +54,35 @@ class DiffusionModule(L.LightningModule):
         self.prior_loss_weight = prior_loss_weight
         # Checkpoints hold only trainable weights (see on_save_checkpoint), so loading is partial.
         self.strict_loading = False
+        self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
+        self.prompt_transform: Callable[[str], str] | None = None
+
+    artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
+
+    @classmethod
+    def check_method(cls, method_cfg) -> None:
+        """Cheap checks of the method's config, before any weights load."""
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer, method_cfg) -> Callable[[str], str] | None:
+        """Before any prompt is tokenized: add tokens the method trains (textual inversion) and
+        return a prompt rewrite to use them, or None."""
+        return None
 
     # --- what subclasses provide -------------------------------------------------------------
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The denoiser (UNet or transformer): what parameter shares are reported against."""
+        raise NotImplementedError
+
+    def pipeline(self, scheduler):
+        """A diffusers pipeline over the module's current weights, sampling with `scheduler`."""
+        raise NotImplementedError
+
+    def save_artefact(self, folder, scheduler) -> None:
+        """The trained model in its standard format (by default the whole pipeline folder)."""
+        self.pipeline(scheduler).save_pretrained(folder, safe_serialization=True)
 
     def encode_condition(self, batch: dict[str, Any]) -> Any:
         raise NotImplementedError

@@ -3,8 +3,6 @@ subject images, with the class-specific prior-preservation loss of the shared st
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,18 +17,6 @@ class TextToImageModule(DiffusionModule):
     Full fine-tuning of the UNet (and optionally the text encoder); parameter-efficient methods
     subclass it and change what is trainable and how the artefact is saved.
     """
-
-    artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
-
-    @classmethod
-    def check_method(cls, method_cfg) -> None:
-        """Cheap checks of the method's config, before any weights load."""
-
-    @classmethod
-    def prepare_tokenizer(cls, tokenizer, method_cfg) -> Callable[[str], str] | None:
-        """Before any prompt is tokenized: add tokens the method trains (textual inversion) and
-        return a prompt rewrite to use them, or None."""
-        return None
 
     def __init__(
         self,
@@ -51,8 +37,6 @@ class TextToImageModule(DiffusionModule):
         self.train_text_encoder = train_text_encoder
         self.unet.requires_grad_(train_unet)
         self.text_encoder.requires_grad_(train_text_encoder)
-        self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
-        self.prompt_transform: Callable[[str], str] | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -76,13 +60,13 @@ class TextToImageModule(DiffusionModule):
     def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=condition).sample
 
+    @property
+    def backbone(self):
+        return self.unet
+
     def pipeline(self, scheduler):
         """A StableDiffusionPipeline over this module's current weights."""
         return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
-
-    def save_artefact(self, folder: Path, scheduler) -> None:
-        """The trained model in its standard format; here a whole diffusers pipeline folder."""
-        self.pipeline(scheduler).save_pretrained(folder, safe_serialization=True)
 
 
 class DreamBoothModule(TextToImageModule):

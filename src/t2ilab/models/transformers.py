@@ -1,0 +1,151 @@
+"""Transformer backbones: PixArt-alpha (text-conditioned DiT with adaLN-single and T5 features)
+and the class-conditional DiT that PixArt's stage 1 starts from. Hub id, local diffusers folder,
+or a tiny model built from config with a fixed seed, as for Stable Diffusion."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+)
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from t2ilab.models.loading import _plain, _source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PixArtComponents:
+    transformer: PixArtTransformer2DModel
+    vae: AutoencoderKL
+    text_encoder: T5EncoderModel
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+    def module_kwargs(self) -> dict[str, Any]:
+        return dict(
+            transformer=self.transformer,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler_config=self.scheduler_config,
+        )
+
+    def pipeline(self, scheduler) -> PixArtAlphaPipeline:
+        return build_pixart_pipeline(
+            self.transformer, self.vae, self.text_encoder, self.tokenizer, scheduler
+        )
+
+
+@dataclass
+class DiTComponents:
+    transformer: DiTTransformer2DModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    id2label: dict[int, str] = field(default_factory=dict)
+    tokenizer: Any = None
+
+    def module_kwargs(self) -> dict[str, Any]:
+        return dict(
+            transformer=self.transformer, vae=self.vae, scheduler_config=self.scheduler_config
+        )
+
+    def pipeline(self, scheduler) -> DiTPipeline:
+        pipe = DiTPipeline(
+            transformer=self.transformer,
+            vae=self.vae,
+            scheduler=scheduler,
+            id2label=self.id2label or None,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def build_pixart_pipeline(
+    transformer, vae, text_encoder, tokenizer, scheduler
+) -> PixArtAlphaPipeline:
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_t5_tokenizer(model_cfg: dict[str, Any]):
+    """T5's tokenizer from the model, or for tiny models ByT5's byte-level one (no vocab file,
+    so it builds offline). `model.max_length` (PixArt: 120 tokens) becomes model_max_length."""
+    max_length = int(model_cfg.get("max_length", 120))
+    if model_cfg.get("pretrained"):
+        tokenizer = T5Tokenizer.from_pretrained(
+            _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
+        )
+    else:
+        tokenizer = ByT5Tokenizer()
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
+    model_cfg = _plain(model_cfg)
+    tokenizer = tokenizer or load_t5_tokenizer(model_cfg)
+    if model_cfg.get("pretrained"):
+        source, kw = _source(model_cfg), {"revision": model_cfg.get("revision")}
+        weights = dict(kw, variant=model_cfg.get("variant"))
+        log.info("loading %s", source)
+        return PixArtComponents(
+            transformer=PixArtTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", **weights
+            ),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            text_encoder=T5EncoderModel.from_pretrained(
+                source, subfolder="text_encoder", **weights
+            ),
+            tokenizer=tokenizer,
+            scheduler_config=dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kw)),
+        )
+    tiny = model_cfg["tiny"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tiny.get("seed", 0)))
+        transformer = PixArtTransformer2DModel(**tiny["transformer"])
+        vae = AutoencoderKL(**tiny["vae"])
+        text_encoder = T5EncoderModel(T5Config(**tiny["text_encoder"]))
+    return PixArtComponents(transformer, vae, text_encoder, tokenizer, dict(tiny["scheduler"]))
+
+
+def load_dit_components(model_cfg, tokenizer=None) -> DiTComponents:
+    model_cfg = _plain(model_cfg)
+    if model_cfg.get("pretrained"):
+        source = _source(model_cfg)
+        log.info("loading %s", source)
+        pipe = DiTPipeline.from_pretrained(source, revision=model_cfg.get("revision"))
+        # DiTPipeline keeps label -> id (several names per class); invert to id -> first name.
+        id2label: dict[int, str] = {}
+        for name, class_id in (getattr(pipe, "labels", None) or {}).items():
+            id2label.setdefault(int(class_id), name)
+        return DiTComponents(pipe.transformer, pipe.vae, dict(pipe.scheduler.config), id2label)
+    tiny = model_cfg["tiny"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tiny.get("seed", 0)))
+        transformer = DiTTransformer2DModel(**tiny["transformer"])
+        vae = AutoencoderKL(**tiny["vae"])
+    return DiTComponents(transformer, vae, dict(tiny["scheduler"]))
+
+
+def is_dit_folder(path: str | Path) -> bool:
+    config = Path(path) / "transformer" / "config.json"
+    return config.is_file() and '"DiTTransformer2DModel"' in config.read_text()

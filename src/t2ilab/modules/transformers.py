@@ -1,0 +1,111 @@
+"""Transformer denoisers on the shared diffusion step: PixArt-alpha (text, T5) and the
+class-conditional DiT of PixArt's stage 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from t2ilab.modules.base import DiffusionModule
+
+
+def mean_prediction(output: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    """DiT and PixArt predict noise and a learned variance (2C channels); the simple MSE loss
+    trains the noise half, as both papers' L_simple does."""
+    return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
+
+
+class PixArtModule(DiffusionModule):
+    """PixArt-alpha: PixArtTransformer2DModel (adaLN-single, cross-attention in every block)
+    conditioned on frozen T5 features with their attention mask."""
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs):
+        for key in ("train_unet", "train_text_encoder"):
+            base_kwargs.pop(key, None)
+        super().__init__(vae=vae, scheduler_config=scheduler_config, **base_kwargs)
+        self.transformer = transformer
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.tokenizer = tokenizer
+
+    @property
+    def backbone(self):
+        return self.transformer
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    def encode_condition(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "prompt_embeds" in batch:  # from the feature cache
+            embeds, mask = batch["prompt_embeds"], batch["prompt_mask"]
+        else:
+            ids = batch["input_ids"]
+            mask = (ids != self.tokenizer.pad_token_id).long()
+            mask[:, 0] = 1  # an empty caption (dropped for CFG) still has one token to attend
+            with torch.no_grad():
+                embeds = self.text_encoder(ids, attention_mask=mask)[0]
+        added = {"resolution": batch.get("resolution"), "aspect_ratio": batch.get("aspect_ratio")}
+        return {"embeds": embeds, "mask": mask, "added": added}
+
+    def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
+        out = self.transformer(
+            noisy_latents,
+            encoder_hidden_states=condition["embeds"],
+            encoder_attention_mask=condition["mask"],
+            timestep=timesteps,
+            added_cond_kwargs=condition["added"],
+        ).sample
+        return mean_prediction(out, noisy_latents.shape[1])
+
+    def pipeline(self, scheduler):
+        from t2ilab.models.transformers import build_pixart_pipeline
+
+        return build_pixart_pipeline(
+            self.transformer, self.vae, self.text_encoder, self.tokenizer, scheduler
+        )
+
+
+class DiTModule(DiffusionModule):
+    """Class-conditional DiT (adaLN-Zero): PixArt's stage 1, pixel dependency. Its label
+    embedding drops labels to the null class during training (class_dropout_prob 0.1)."""
+
+    def __init__(self, transformer, vae, scheduler_config, **base_kwargs):
+        for key in ("train_unet", "train_text_encoder"):
+            base_kwargs.pop(key, None)
+        super().__init__(vae=vae, scheduler_config=scheduler_config, **base_kwargs)
+        self.transformer = transformer
+        self.id2label: dict[int, str] = {}
+
+    @property
+    def backbone(self):
+        return self.transformer
+
+    def encode_condition(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["class_labels"]
+
+    def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
+        out = self.transformer(noisy_latents, timestep=timesteps, class_labels=condition).sample
+        return mean_prediction(out, noisy_latents.shape[1])
+
+    def pipeline(self, scheduler):
+        from diffusers import DiTPipeline
+
+        pipe = DiTPipeline(
+            transformer=self.transformer,
+            vae=self.vae,
+            scheduler=scheduler,
+            id2label=self.id2label or None,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_artefact(self, folder, scheduler) -> None:
+        import json
+        from pathlib import Path
+
+        super().save_artefact(folder, scheduler)
+        # DiTPipeline does not serialise its labels; keep them beside it (class id -> name).
+        (Path(folder) / "id2label.json").write_text(json.dumps(self.id2label, indent=2))
