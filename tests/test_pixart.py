@@ -147,3 +147,58 @@ def test_bad_stage_inputs(overrides, match, make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg(*STAGE_FAST, *overrides(tmp_path))
     with pytest.raises(UserError, match=match):
         train_module.train(cfg)
+
+
+def _caption_datamodule(cache: bool, tmp_path, components, multi_aspect=False):
+    from t2ilab.data.pixart_captions import PixArtCaptionDataModule
+
+    folder = "example_multiaspect" if multi_aspect else "example_captioned"
+    dm = PixArtCaptionDataModule(
+        train_dir=str(ROOT / "data" / folder),
+        resolution=64,
+        multi_aspect=multi_aspect,
+        cache=cache,
+        cache_dir=str(tmp_path),
+        caption_dropout=0.0,
+        batch_size=4,
+    )
+    dm.check()
+    dm.bind(components.tokenizer)
+    dm.prepare_features(components, {"model": "tiny_pixart"}, vae_factor=2, patch_size=2)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("multi_aspect", [False, True])
+def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect):
+    from omegaconf import OmegaConf
+
+    from t2ilab.models.transformers import load_pixart_components
+    from t2ilab.modules.transformers import PixArtModule
+
+    c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
+    from_images = next(
+        iter(_caption_datamodule(False, tmp_path, c, multi_aspect).train_dataloader())
+    )
+    from_cache = next(iter(_caption_datamodule(True, tmp_path, c, multi_aspect).train_dataloader()))
+    assert "latent_mean" in from_cache and "pixel_values" in from_images
+    module = PixArtModule(**c.module_kwargs()).eval()
+    losses = []
+    for batch in (from_images, from_cache):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(module.diffusion_loss(batch)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    if multi_aspect:  # one bucket per batch, with the MS size conditioning
+        assert from_images["resolution"].shape == (from_images["pixel_values"].shape[0], 2)
+
+
+def test_multi_aspect_batches_are_homogeneous(tmp_path):
+    from omegaconf import OmegaConf
+
+    from t2ilab.models.transformers import load_pixart_components
+
+    c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
+    dm = _caption_datamodule(False, tmp_path, c, multi_aspect=True)
+    shapes = {tuple(b["pixel_values"].shape[-2:]) for b in dm.train_dataloader()}
+    assert len(shapes) == 3  # portrait, landscape and square buckets, never mixed in a batch

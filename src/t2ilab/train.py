@@ -175,6 +175,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     components = load_components(cfg.model, tokenizer)
     init_from_previous_stage(cfg, components)
+    if hasattr(datamodule, "prepare_features"):  # feature caches need the loaded encoders
+        datamodule.prepare_features(
+            components,
+            model_key={
+                "model": cfg.model.name,
+                "pretrained": cfg.model.pretrained,
+                "revision": cfg.model.get("revision"),
+                "seed": cfg.model.get("tiny", {}).get("seed"),
+            },
+            vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
+            patch_size=int(cfg.model.get("patch_size", 1)),
+        )
     if datamodule.class_prompt:
         datamodule.class_dir = prepare_class_images(
             cfg, components, datamodule.class_prompt, datamodule.class_dir

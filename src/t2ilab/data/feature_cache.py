@@ -432,6 +432,7 @@ def vae_image_encoder(
 
     @torch.no_grad()
     def encode(paths: list[Path]) -> dict[str, list[torch.Tensor]]:
+        vae.eval()  # cached features must not depend on dropout
         pixels = [transform(load_rgb(path)) for path in paths]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, tensor in enumerate(pixels):
@@ -456,6 +457,7 @@ def t5_text_encoder(tokenizer, text_encoder: torch.nn.Module, max_length: int = 
 
     @torch.no_grad()
     def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        text_encoder.eval()  # T5 has dropout: cached features must not depend on it
         tokens = tokenizer(
             captions,
             padding="max_length",

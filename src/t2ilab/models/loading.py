@@ -170,6 +170,8 @@ def build_tiny_sd(tiny_cfg: dict[str, Any], tokenizer=None) -> StableDiffusionCo
         unet = UNet2DConditionModel(**tiny_cfg["unet"])
         vae = AutoencoderKL(**tiny_cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_cfg["text_encoder"]))
+    for module in (unet, vae, text_encoder):  # eval mode, as from_pretrained returns them
+        module.eval()
     # The real CLIP BPE vocabulary, so identifiers like "sks" tokenize exactly as in SD.
     max_length = tiny_cfg["text_encoder"]["max_position_embeddings"]
     tokenizer = tokenizer or build_clip_tokenizer(model_max_length=max_length)

@@ -124,6 +124,9 @@ def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
         transformer = PixArtTransformer2DModel(**tiny["transformer"])
         vae = AutoencoderKL(**tiny["vae"])
         text_encoder = T5EncoderModel(T5Config(**tiny["text_encoder"]))
+    # Built modules start in train mode (T5 has dropout); from_pretrained ones in eval mode.
+    for module in (transformer, vae, text_encoder):
+        module.eval()
     return PixArtComponents(transformer, vae, text_encoder, tokenizer, dict(tiny["scheduler"]))
 
 
@@ -143,6 +146,8 @@ def load_dit_components(model_cfg, tokenizer=None) -> DiTComponents:
         torch.manual_seed(int(tiny.get("seed", 0)))
         transformer = DiTTransformer2DModel(**tiny["transformer"])
         vae = AutoencoderKL(**tiny["vae"])
+    transformer.eval()
+    vae.eval()
     return DiTComponents(transformer, vae, dict(tiny["scheduler"]))
 
 

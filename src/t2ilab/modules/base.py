@@ -101,11 +101,19 @@ class DiffusionModule(L.LightningModule):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Latents from images, or from a feature cache's stored VAE posterior (mean, std),
+        sampled exactly as latent_dist.sample() would be."""
+        if "latent_mean" in batch:
+            from t2ilab.data.feature_cache import sample_latents
+
+            latents = sample_latents(batch["latent_mean"], batch["latent_std"])
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return (latents - shift) * self.vae.config.scaling_factor
+        return self.encode_latents(batch["pixel_values"])
+
     def diffusion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = (
-            batch["latents"] if "latents" in batch else self.encode_latents(batch["pixel_values"])
-        )
-        latents = latents.float()
+        latents = self.batch_latents(batch).float()
         noise = sample_noise(latents, self.noise.offset_noise)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(

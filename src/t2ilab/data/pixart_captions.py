@@ -1,0 +1,186 @@
+"""Captioned images for PixArt stages 2 and 3: optional multi-aspect buckets (one bucket per
+batch, with the resolution / aspect-ratio conditioning of the MS models) and optional VAE-latent
++ T5-feature caches that training then reads instead of images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from t2ilab.data.buckets import (
+    AspectRatioBucketSampler,
+    BucketedCaptionDataset,
+    bucket_table,
+    collate_bucketed,
+    resize_to_bucket,
+    size_conditioning,
+)
+from t2ilab.data.captioned import read_captioned_folder
+from t2ilab.data.feature_cache import (
+    CachedFeatureDataset,
+    FeatureCache,
+    t5_text_encoder,
+    vae_image_encoder,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _DropCaptions(Dataset):
+    """Cached features with caption dropout: the caption's T5 features are swapped for those of
+    the empty caption (what the pipeline uses as unconditional) with probability p."""
+
+    def __init__(self, dataset: CachedFeatureDataset, null: dict[str, torch.Tensor], p: float):
+        self.dataset, self.null, self.p = dataset, null, p
+        self.bucket_ids = dataset.bucket_ids
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[index])
+        if self.p and random.random() < self.p:
+            item.update(self.null)
+        return item
+
+
+def collate_cached(examples: list[dict[str, torch.Tensor]], vae_factor: int) -> dict:
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    h, w = (s * vae_factor for s in batch["latent_mean"].shape[-2:])
+    batch.update(size_conditioning([h] * len(examples), [w] * len(examples)))
+    batch["num_instance"] = len(examples)
+    return batch
+
+
+class PixArtCaptionDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_dir: str,
+        caption_column: str = "text",
+        resolution: int = 512,
+        multi_aspect: bool = False,
+        cache: bool = False,
+        cache_dir: str | None = None,
+        caption_dropout: float = 0.1,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+        **_ignored,
+    ):
+        super().__init__()
+        self.train_dir = train_dir
+        self.caption_column = caption_column
+        self.resolution = resolution
+        self.multi_aspect = multi_aspect
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.caption_dropout = caption_dropout
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.items = []
+        self.tokenizer = None
+        self.divisor = 16  # VAE factor x patch size; set by bind_model
+        self.vae_factor = 8
+        self.dataset: Dataset | None = None
+
+    def check(self) -> None:
+        self.items = read_captioned_folder(self.train_dir, self.caption_column)
+
+    def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
+        self.tokenizer = tokenizer
+        self.prompt_transform = prompt_transform or (lambda caption: caption)
+        return {}
+
+    @property
+    def class_prompt(self) -> None:
+        return None
+
+    def validation_prompts(self, n: int = 4) -> list[str]:
+        # Captions are sample-prompt templates: escape braces so .format leaves them as written.
+        return [c.replace("{", "{{").replace("}", "}}") for _, c in self.items[:n]]
+
+    def table(self) -> dict[str, tuple[int, int]]:
+        if self.multi_aspect:
+            return bucket_table(self.resolution, self.divisor)
+        return {"1.0": (self.resolution, self.resolution)}
+
+    def _tokenize(self, caption: str) -> dict[str, torch.Tensor]:
+        if self.caption_dropout and random.random() < self.caption_dropout:
+            caption = ""
+        ids = self.tokenizer(
+            self.prompt_transform(caption),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"input_ids": ids}
+
+    def prepare_features(
+        self, components, model_key: dict, vae_factor: int, patch_size: int
+    ) -> None:
+        """Build (or reuse) the feature cache once the model is loaded; no-op without caching."""
+        self.vae_factor, self.divisor = vae_factor, vae_factor * patch_size
+        if not self.cache:
+            return
+        table = self.table()
+        key = {
+            **model_key,
+            "resolution": self.resolution,
+            "buckets": sorted(table.values()) if self.multi_aspect else None,
+            "max_length": int(self.tokenizer.model_max_length),
+            "vae": hashlib.sha256(
+                json.dumps(dict(components.vae.config), sort_keys=True, default=str).encode()
+            ).hexdigest()[:16],
+        }
+        root = self.cache_dir or Path(self.train_dir).expanduser() / ".t2ilab_cache"
+        cache = FeatureCache(root, key)
+
+        # The same resize/crop as the image path (BucketedCaptionDataset): both give one loss.
+        def transform(image):
+            return resize_to_bucket(image, table)
+
+        encode_text = t5_text_encoder(
+            self.tokenizer, components.text_encoder, int(self.tokenizer.model_max_length)
+        )
+        cache.build(self.items, vae_image_encoder(components.vae, transform), encode_text)
+        null = {k: v[0] for k, v in encode_text([""]).items()}
+        self.dataset = _DropCaptions(CachedFeatureDataset(cache), null, self.caption_dropout)
+        log.info("training from the feature cache in %s", cache.path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            if not self.items:
+                self.check()
+            self.dataset = BucketedCaptionDataset(self.items, self.table(), self._tokenize)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = AspectRatioBucketSampler(
+            self.dataset.bucket_ids,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=1,
+            rank=0,
+        )
+        if isinstance(self.dataset, _DropCaptions):
+
+            def collate(examples):
+                return collate_cached(examples, self.vae_factor)
+        else:
+            collate = collate_bucketed
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
