@@ -12,7 +12,7 @@ from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
 from t2ilab.loggers import build_loggers
-from t2ilab.models.loading import load_sd_components
+from t2ilab.models.loading import load_components
 from t2ilab.modules.base import DiffusionModule
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -30,16 +30,12 @@ def test_the_four_improved_dreambooth_arms_exist():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment, make_cfg):
     cfg = make_cfg(f"experiment={experiment}", *FAST)
-    components = load_sd_components(cfg.model)
+    components = load_components(cfg.model)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.prepare_tokenizer(components.tokenizer, cfg.method)  # as train.py does
     module = hydra.utils.instantiate(
         cfg.method.module,
-        unet=components.unet,
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        scheduler_config=components.scheduler_config,
+        **components.module_kwargs(),
         noise=OmegaConf.to_container(cfg.noise),
     )
     assert isinstance(module, DiffusionModule)
