@@ -62,14 +62,15 @@ class DiTComponents:
         )
 
     def pipeline(self, scheduler) -> DiTPipeline:
-        pipe = DiTPipeline(
-            transformer=self.transformer,
-            vae=self.vae,
-            scheduler=scheduler,
-            id2label=self.id2label or None,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return build_dit_pipeline(self.transformer, self.vae, scheduler, self.id2label)
+
+
+def build_dit_pipeline(transformer, vae, scheduler, id2label: dict[int, str] | None = None):
+    pipe = DiTPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label or None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def build_pixart_pipeline(

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from t2ilab.adapters import AdapterConfig, InvalidAdapterPair, attach_adapters, save_adapters
 from t2ilab.errors import SkipRun
-from t2ilab.modules.dreambooth import TextToImageModule
+from t2ilab.modules.dreambooth import ParameterEfficientModule
 
 ADAPTERS_FILE = "adapters.safetensors"  # + adapters.json, beside it in the export
 
 
-class AdapterModule(TextToImageModule):
+class AdapterModule(ParameterEfficientModule):
     """One adapter per transformer block (or ResBlock); only the adapters train."""
 
     artefact = "adapters"
@@ -39,18 +39,7 @@ class AdapterModule(TextToImageModule):
         block_filter: str | None = None,
         **base_kwargs,
     ):
-        base_kwargs.pop("train_unet", None)
-        base_kwargs.pop("train_text_encoder", None)
-        super().__init__(
-            unet,
-            vae,
-            text_encoder,
-            tokenizer,
-            scheduler_config,
-            train_unet=False,
-            train_text_encoder=False,
-            **base_kwargs,
-        )
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
         config = AdapterConfig(
             input_position=input_position,
             output_position=output_position,
@@ -64,9 +53,8 @@ class AdapterModule(TextToImageModule):
         self.adapters = attach_adapters(unet, config)
         self.adapters.requires_grad_(True)
 
-    def save_artefact(self, folder: Path, scheduler) -> None:
+    def save_weights(self, folder: Path) -> None:
         save_adapters(self.adapters, Path(folder) / ADAPTERS_FILE)
-        scheduler.save_pretrained(Path(folder) / "scheduler")
 
 
 def adapter_config(method_cfg) -> AdapterConfig:

@@ -3,6 +3,7 @@ subject images, with the class-specific prior-preservation loss of the shared st
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +73,30 @@ class TextToImageModule(DiffusionModule):
 class DreamBoothModule(TextToImageModule):
     """DreamBooth is the text-to-image step with prior preservation batches; the UNet is trained
     by default (Improved DreamBooth), the text encoder with method.train_text_encoder=true."""
+
+
+class ParameterEfficientModule(TextToImageModule):
+    """Base of LoRA, textual inversion and adapters: the UNet and text encoder stay frozen (the
+    subclass adds what trains), and the export is the method's weights plus the trained schedule
+    (scheduler/), to be applied to the base model."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs):
+        for key in ("train_unet", "train_text_encoder"):  # fixed here, whatever the config says
+            base_kwargs.pop(key, None)
+        super().__init__(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler_config,
+            train_unet=False,
+            train_text_encoder=False,
+            **base_kwargs,
+        )
+
+    def save_weights(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def save_artefact(self, folder: Path, scheduler) -> None:
+        self.save_weights(Path(folder))
+        scheduler.save_pretrained(Path(folder) / "scheduler")

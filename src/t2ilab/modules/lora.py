@@ -11,10 +11,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from t2ilab.modules.dreambooth import TextToImageModule
+from t2ilab.modules.dreambooth import ParameterEfficientModule
 
 
-class LoRAModule(TextToImageModule):
+class LoRAModule(ParameterEfficientModule):
     """Only the LoRA matrices train; the base UNet and text encoder stay frozen."""
 
     artefact = "lora"
@@ -34,17 +34,7 @@ class LoRAModule(TextToImageModule):
         text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj"),
         **base_kwargs,
     ):
-        base_kwargs.pop("train_unet", None)
-        super().__init__(
-            unet,
-            vae,
-            text_encoder,
-            tokenizer,
-            scheduler_config,
-            train_unet=False,
-            train_text_encoder=False,
-            **base_kwargs,
-        )
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
         self.lora_train_text_encoder = train_text_encoder
         # alpha = rank gives scale 1, diffusers' examples' default.
         unet.add_adapter(
@@ -75,7 +65,7 @@ class LoRAModule(TextToImageModule):
             self.text_encoder.train(mode)
         return self
 
-    def save_artefact(self, folder: Path, scheduler) -> None:
+    def save_weights(self, folder: Path) -> None:
         text_layers, text_metadata = None, None
         if self.lora_train_text_encoder:
             text_layers = convert_state_dict_to_diffusers(
@@ -90,4 +80,3 @@ class LoRAModule(TextToImageModule):
             text_encoder_lora_adapter_metadata=text_metadata,
             safe_serialization=True,
         )
-        scheduler.save_pretrained(Path(folder) / "scheduler")

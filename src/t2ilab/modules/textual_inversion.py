@@ -16,7 +16,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from safetensors.torch import save_file
 
 from t2ilab.errors import UserError
-from t2ilab.modules.dreambooth import TextToImageModule
+from t2ilab.modules.dreambooth import ParameterEfficientModule
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
@@ -25,7 +25,7 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
-class TextualInversionModule(TextToImageModule):
+class TextualInversionModule(ParameterEfficientModule):
     artefact = "textual_inversion"
 
     @classmethod
@@ -61,18 +61,7 @@ class TextualInversionModule(TextToImageModule):
         num_vectors: int = 1,
         **base_kwargs,
     ):
-        base_kwargs.pop("train_unet", None)
-        base_kwargs.pop("train_text_encoder", None)
-        super().__init__(
-            unet,
-            vae,
-            text_encoder,
-            tokenizer,
-            scheduler_config,
-            train_unet=False,
-            train_text_encoder=False,
-            **base_kwargs,
-        )
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
         self.placeholder_token = placeholder_token
         tokens = placeholder_tokens(placeholder_token, num_vectors)
         self.placeholder_ids = tokenizer.convert_tokens_to_ids(tokens)
@@ -103,10 +92,9 @@ class TextualInversionModule(TextToImageModule):
             self.text_encoder.get_input_embeddings().weight[self.placeholder_ids].detach().clone()
         )
 
-    def save_artefact(self, folder: Path, scheduler) -> None:
+    def save_weights(self, folder: Path) -> None:
         folder = Path(folder)
         save_file(
             {self.placeholder_token: self.learned_embeddings().float().cpu().contiguous()},
             folder / "learned_embeds.safetensors",
         )
-        scheduler.save_pretrained(folder / "scheduler")

@@ -91,16 +91,9 @@ class DiTModule(DiffusionModule):
         return mean_prediction(out, noisy_latents.shape[1])
 
     def pipeline(self, scheduler):
-        from diffusers import DiTPipeline
+        from t2ilab.models.transformers import build_dit_pipeline
 
-        pipe = DiTPipeline(
-            transformer=self.transformer,
-            vae=self.vae,
-            scheduler=scheduler,
-            id2label=self.id2label or None,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return build_dit_pipeline(self.transformer, self.vae, scheduler, self.id2label)
 
     def save_artefact(self, folder, scheduler) -> None:
         import json
