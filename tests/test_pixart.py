@@ -202,3 +202,26 @@ def test_multi_aspect_batches_are_homogeneous(tmp_path):
     dm = _caption_datamodule(False, tmp_path, c, multi_aspect=True)
     shapes = {tuple(b["pixel_values"].shape[-2:]) for b in dm.train_dataloader()}
     assert len(shapes) == 3  # portrait, landscape and square buckets, never mixed in a batch
+
+
+def test_evaluate_measures_a_pixart_export(stages, tmp_path):
+    images = ROOT / "data" / "example_captioned"
+    proc = run_train(
+        [
+            f"export_dir={stages / 'stage3' / 'export'}",
+            f"data.instance_dir={images}",
+            "data.identifier=sks",
+            "data.class_noun=shape",
+            "logger=csv",
+            "eval.prompts=['a red circle on a blue background','a green star on a yellow background']",
+            "eval.num_inference_steps=2",
+            f"eval.reference_dir={images}",
+            "eval.fid_feature=dino",
+            "eval.resolution=128",
+        ],
+        tmp_path / "eval",
+        script="evaluate.py",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert {"clip_t", "fid", "kid"} <= set(metrics)

@@ -65,12 +65,12 @@ def read_metadata(export_dir: str | Path) -> dict:
 
 
 def load_export(export_dir: str | Path, base_model: str | None = None):
-    """A StableDiffusionPipeline for any t2ilab export (or any diffusers pipeline folder)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A ready pipeline for any t2ilab export (or any diffusers pipeline folder)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
     export_dir = Path(export_dir)
-    if (export_dir / "model_index.json").is_file():
-        return StableDiffusionPipeline.from_pretrained(export_dir, safety_checker=None)
+    if (export_dir / "model_index.json").is_file():  # SD, PixArt or DiT pipeline folder
+        return DiffusionPipeline.from_pretrained(export_dir)
     metadata = read_metadata(export_dir)
     artefact = metadata.get("artefact")
     if artefact is None:
