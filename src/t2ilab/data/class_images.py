@@ -8,12 +8,14 @@ interrupted and resumed run gives the same set as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from t2ilab.data.images import list_images
+from t2ilab.errors import UserError
 from t2ilab.models.pipelines import exact_size_kwargs
 from t2ilab.utils.atomic import save_image_atomic
 
@@ -38,6 +40,29 @@ def plan_class_images(class_dir: str | Path, num_images: int) -> list[int]:
     return indices
 
 
+def check_free_space(class_dir: Path, count: int, resolution: int | None) -> None:
+    """Fail before generating anything when the disk cannot hold `count` more images.
+
+    Per image: the mean size of images already in the folder, else an uncompressed RGB PNG of
+    the requested resolution (+10%), an upper bound for what PNG compression writes."""
+    existing = list_images(class_dir) if class_dir.is_dir() else []
+    if existing:
+        per_image = sum(p.stat().st_size for p in existing) / len(existing)
+    else:
+        per_image = (resolution or 1024) ** 2 * 3 * 1.1
+    need = int(count * per_image)
+    probe = class_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the folder may not exist yet: ask the disk it will be on
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(
+            f"not enough disk space for class images in {class_dir}: {count} images need about "
+            f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free (free space, or lower "
+            "method.num_class_images, or point data.class_dir elsewhere)"
+        )
+
+
 @torch.no_grad()
 def generate_class_images(
     pipeline,
@@ -57,6 +82,7 @@ def generate_class_images(
     if not todo:
         log.info("class images: %d already in %s", num_images, class_dir)
         return 0
+    check_free_space(class_dir, len(todo), resolution)
     class_dir.mkdir(parents=True, exist_ok=True)
     log.info(
         "class images: generating %d of %d for %r in %s", len(todo), num_images, prompt, class_dir
