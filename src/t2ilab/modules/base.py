@@ -42,8 +42,12 @@ class DiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         prior_loss_weight: float = 1.0,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
+        self.compile_backbone = compile
         self.noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
         self.noise_scheduler = build_noise_scheduler(scheduler_config, self.noise)
         self.base_scheduler_config = dict(scheduler_config)
@@ -144,6 +148,15 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     # --- optimisation and checkpoints ---------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Memory and speed options on the denoiser, applied once before training starts."""
+        if self.gradient_checkpointing and not getattr(self, "_checkpointing_on", False):
+            self.backbone.enable_gradient_checkpointing()
+            self._checkpointing_on = True
+        if self.compile_backbone and not getattr(self, "_compiled", False):
+            self.backbone.compile()  # in place: parameter names (and checkpoints) are unchanged
+            self._compiled = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
