@@ -1,0 +1,79 @@
+"""The training benchmark (python -m t2ilab.bench) on tiny_sd: the CLI writes sane figures, and
+--cache really takes the VAE and the text encoder out of the timed step."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from diffusers import AutoencoderKL
+
+from t2ilab import bench
+
+
+def _assert_positive_finite(row):
+    for key in ("steps_per_s", "samples_per_s", "peak_mem_mib", "seconds", "final_loss"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+
+
+def test_cli_smoke_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "t2ilab.bench", "--steps", "2", "--warmup", "1"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| steps/s |" in done.stdout
+    result = json.loads(out.read_text())
+    for key in ("torch", "device", "cpu_count", "threads"):
+        assert result["environment"][key]
+    (row,) = result["rows"]
+    assert row["model"] == "tiny_sd" and row["resolution"] == 64 and row["batch_size"] == 1
+    assert row["steps"] == 2 and row["trainable_params"] > 0
+    _assert_positive_finite(row)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_cache_skips_vae(monkeypatch, cache):
+    calls = []
+    encode = AutoencoderKL.encode
+
+    def counting_encode(self, *args, **kwargs):
+        calls.append(args[0].shape)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    row = bench.run_benchmark(steps=2, warmup=1, cache=cache, method="lora", device="cpu")
+    # With the cache the VAE runs once, before timing (to fill it); without, once per step.
+    assert len(calls) == (1 if cache else 3)
+    assert row["cache"] is cache and row["method"] == "lora"
+    _assert_positive_finite(row)
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precision", "fp16", "--device", "cpu"])
+
+
+def test_cache_speedup_pairs_rows():
+    rows = [
+        {"batch_size": 1, "gradient_checkpointing": False, "cache": False, "steps_per_s": 2.0},
+        {"batch_size": 1, "gradient_checkpointing": False, "cache": True, "steps_per_s": 3.0},
+    ]
+    assert bench.cache_speedups(rows) == [
+        {"batch_size": 1, "gradient_checkpointing": False, "ratio": 1.5}
+    ]
+
+
+@pytest.mark.slow
+def test_sd15_shape_has_sd15_parameter_counts():
+    components = bench.build_components("sd15_shape")
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    # The published SD 1.5 checkpoint's counts (UNet, VAE, CLIP ViT-L/14 text tower).
+    assert count(components.unet) == 859_520_964
+    assert count(components.vae) == 83_653_863
+    assert count(components.text_encoder) == 123_060_480
