@@ -20,8 +20,8 @@ from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import METADATA_FILE, load_export
-from t2ilab.models.loading import load_sd_components
-from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
+from t2ilab.models.loading import load_components
+from t2ilab.models.pipelines import make_sampler
 from t2ilab.runner import run_task
 
 log = logging.getLogger("t2ilab.evaluate")
@@ -85,10 +85,8 @@ def load_pipeline(cfg: DictConfig, export: Path | None):
         pipe.scheduler = make_sampler(sampler_name, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    c = load_sd_components(cfg.model)
-    return build_sd_pipeline(
-        c.unet, c.vae, c.text_encoder, c.tokenizer, make_sampler(sampler_name, c.scheduler_config)
-    )
+    c = load_components(cfg.model)  # any family: SD, PixArt
+    return c.pipeline(make_sampler(sampler_name, c.scheduler_config))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
