@@ -175,7 +175,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     components = load_components(cfg.model, tokenizer)
     init_from_previous_stage(cfg, components)
-    if hasattr(datamodule, "prepare_features"):  # feature caches need the loaded encoders
+    if datamodule.class_prompt:
+        datamodule.class_dir = prepare_class_images(
+            cfg, components, datamodule.class_prompt, datamodule.class_dir
+        )
+
+    if hasattr(datamodule, "prepare_features"):  # caches need the loaded encoders
+        device = generation_device(cfg)
+        encoders = [m for m in (components.vae, getattr(components, "text_encoder", None)) if m]
+        for encoder in encoders:  # encode on the GPU when there is one, then give it back
+            encoder.to(device)
         datamodule.prepare_features(
             components,
             model_key={
@@ -186,12 +195,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             },
             vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
             patch_size=int(cfg.model.get("patch_size", 1)),
+            text_frozen=module_class.text_encoder_frozen(cfg.method),
         )
-    if datamodule.class_prompt:
-        datamodule.class_dir = prepare_class_images(
-            cfg, components, datamodule.class_prompt, datamodule.class_dir
-        )
-
+        for encoder in encoders:
+            encoder.to("cpu")
     module = hydra.utils.instantiate(
         cfg.method.module,
         **components.module_kwargs(),

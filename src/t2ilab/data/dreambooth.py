@@ -91,7 +91,10 @@ def tokenize(tokenizer, prompt: str) -> torch.Tensor:
 
 
 class DreamBoothDataset(Dataset):
-    """Cycles instance images (and class images, independently) for max(n_instance, n_class)."""
+    """Cycles instance images (and class images, independently) for max(n_instance, n_class).
+
+    With `image_features` (path -> cached VAE posterior) and `text_features` (prompt -> frozen
+    text-encoder states), examples carry those instead of pixels and token ids."""
 
     def __init__(
         self,
@@ -101,42 +104,45 @@ class DreamBoothDataset(Dataset):
         transform: ImageTransform,
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
+        image_features: dict[Path, dict[str, torch.Tensor]] | None = None,
+        text_features: dict[str, torch.Tensor] | None = None,
     ):
         self.instance_images = list(instance_images)
         self.class_images = list(class_images or [])
         self.transform = transform
-        self.instance_ids = tokenize(tokenizer, instance_prompt)
-        self.class_ids = tokenize(tokenizer, class_prompt) if self.class_images else None
-        self.instance_prompt = instance_prompt
-        self.class_prompt = class_prompt
+        self.image_features = image_features
+        self.text_features = text_features
+        self.instance = self._text(instance_prompt, tokenizer)
+        self.class_ = self._text(class_prompt, tokenizer) if self.class_images else None
+
+    def _text(self, prompt: str, tokenizer) -> dict[str, torch.Tensor]:
+        if self.text_features is not None:
+            return {"prompt_embeds": self.text_features[prompt]}
+        return {"input_ids": tokenize(tokenizer, prompt)}
+
+    def _image(self, path: Path) -> dict[str, torch.Tensor]:
+        if self.image_features is not None:
+            return self.image_features[path]
+        return {"pixel_values": self.transform(load_rgb(path))}
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
         path = self.instance_images[index % len(self.instance_images)]
-        example = {
-            "instance_pixels": self.transform(load_rgb(path)),
-            "instance_ids": self.instance_ids,
-        }
+        example = {"instance": {**self._image(path), **self.instance}}
         if self.class_images:
             class_path = self.class_images[index % len(self.class_images)]
-            example["class_pixels"] = self.transform(load_rgb(class_path))
-            example["class_ids"] = self.class_ids
+            example["class"] = {**self._image(class_path), **self.class_}
         return example
 
 
-def collate_dreambooth(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
-    pixels = [e["instance_pixels"] for e in examples]
-    ids = [e["instance_ids"] for e in examples]
-    if "class_pixels" in examples[0]:
-        pixels += [e["class_pixels"] for e in examples]
-        ids += [e["class_ids"] for e in examples]
-    return {
-        "pixel_values": torch.stack(pixels),
-        "input_ids": torch.stack(ids),
-        "num_instance": len(examples),
-    }
+def collate_dreambooth(examples: list[dict]) -> dict[str, torch.Tensor | int]:
+    """B instance examples first, then their B class examples (prior preservation)."""
+    parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    batch = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+    batch["num_instance"] = len(examples)
+    return batch
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -162,8 +168,14 @@ class DreamBoothDataModule(L.LightningDataModule):
         random_flip: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
+        cache_latents: bool = True,
+        cache_text: bool = True,
     ):
         super().__init__()
+        self.cache_latents = cache_latents
+        self.cache_text = cache_text
+        self.image_features: dict[Path, dict[str, torch.Tensor]] | None = None
+        self.text_features: dict[str, torch.Tensor] | None = None
         self.instance_dir = Path(instance_dir).expanduser() if instance_dir else None
         self.class_dir = Path(class_dir).expanduser() if class_dir else None
         self.prompt_config = dict(
@@ -229,13 +241,46 @@ class DreamBoothDataModule(L.LightningDataModule):
             "instance_dir": str(self.instance_dir.resolve()),
         }
 
+    def _class_images(self) -> list[Path] | None:
+        if self.class_prompt is None or self.num_class_images <= 0:
+            return None
+        return list_images(self.class_dir)[: self.num_class_images]
+
+    @torch.no_grad()
+    def prepare_features(self, components, *, text_frozen: bool, **_unused) -> None:
+        """Encode what does not change during training once: VAE posteriors of the images when
+        the transform is deterministic (no random crop/flip), the two prompts' text states when
+        the text encoder is frozen. The training step then skips the VAE and text encoder and
+        gives the same loss for the same seed (tests/test_caching.py)."""
+        from t2ilab.data.feature_cache import vae_image_encoder
+
+        if self.cache_latents and self.transform.is_deterministic:
+            paths = list_images(self.instance_dir) + (self._class_images() or [])
+            encode = vae_image_encoder(components.vae, self.transform)
+            self.image_features = {}
+            for start in range(0, len(paths), 8):
+                chunk = paths[start : start + 8]
+                out = encode(chunk)
+                for i, path in enumerate(chunk):
+                    self.image_features[path] = {
+                        "latent_mean": out["latent_mean"][i].cpu(),
+                        "latent_std": out["latent_std"][i].cpu(),
+                    }
+        if self.cache_text and text_frozen:
+            transform = self.prompt_transform or (lambda prompt: prompt)
+            prompts = [transform(p) for p in (self.prompts.instance_prompt, self.class_prompt) if p]
+            encoder = components.text_encoder.eval()
+            device = next(encoder.parameters()).device
+            self.text_features = {
+                p: encoder(tokenize(self.tokenizer, p)[None].to(device))[0][0].cpu()
+                for p in prompts
+            }
+
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None or self.prompts is None:
             raise RuntimeError("DreamBoothDataModule.bind(tokenizer) must run before setup")
         transform = self.prompt_transform or (lambda prompt: prompt)
-        class_images = None
-        if self.class_prompt is not None and self.num_class_images > 0:
-            class_images = list_images(self.class_dir)[: self.num_class_images]
+        class_images = self._class_images()
         self.dataset = DreamBoothDataset(
             list_images(self.instance_dir),
             transform(self.prompts.instance_prompt),
@@ -243,6 +288,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             self.transform,
             class_images,
             transform(self.prompts.class_prompt) if class_images else None,
+            image_features=self.image_features,
+            text_features=self.text_features,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -125,7 +125,7 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         return {"input_ids": ids}
 
     def prepare_features(
-        self, components, model_key: dict, vae_factor: int, patch_size: int
+        self, components, model_key: dict, vae_factor: int, patch_size: int, **_unused
     ) -> None:
         """Build (or reuse) the feature cache once the model is loaded; no-op without caching."""
         self.vae_factor, self.divisor = vae_factor, vae_factor * patch_size

@@ -68,6 +68,11 @@ class DiffusionModule(L.LightningModule):
         """Cheap checks of the method's config, before any weights load."""
 
     @classmethod
+    def text_encoder_frozen(cls, method_cfg) -> bool:
+        """Whether prompt features stay fixed during training (then they can be cached)."""
+        return not method_cfg.get("train_text_encoder", False)
+
+    @classmethod
     def prepare_tokenizer(cls, tokenizer, method_cfg) -> Callable[[str], str] | None:
         """Before any prompt is tokenized: add tokens the method trains (textual inversion) and
         return a prompt rewrite to use them, or None."""

@@ -29,6 +29,10 @@ class TextualInversionModule(ParameterEfficientModule):
     artefact = "textual_inversion"
 
     @classmethod
+    def text_encoder_frozen(cls, method_cfg) -> bool:
+        return False  # the placeholder's embedding rows train
+
+    @classmethod
     def prepare_tokenizer(cls, tokenizer, method_cfg):
         placeholder, n = method_cfg.placeholder_token, int(method_cfg.num_vectors)
         if n < 1:
