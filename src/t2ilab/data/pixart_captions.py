@@ -141,7 +141,8 @@ class PixArtCaptionDataModule(L.LightningDataModule):
                 json.dumps(dict(components.vae.config), sort_keys=True, default=str).encode()
             ).hexdigest()[:16],
         }
-        root = self.cache_dir or Path(self.train_dir).expanduser() / ".t2ilab_cache"
+        # Never inside the user's data folder: a per-user cache unless data.cache_dir says where.
+        root = self.cache_dir or Path.home() / ".cache" / "t2ilab" / "features"
         cache = FeatureCache(root, key)
 
         # The same resize/crop as the image path (BucketedCaptionDataset): both give one loss.
