@@ -195,7 +195,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             },
             vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
             patch_size=int(cfg.model.get("patch_size", 1)),
-            text_frozen=module_class.text_encoder_frozen(cfg.method),
+            # DreamBooth's text cache holds CLIP states (SD); PixArt's T5 states also need masks,
+            # which its own feature cache (data=pixart_captions) stores.
+            text_frozen=module_class.text_encoder_frozen(cfg.method)
+            and cfg.model.get("family", "sd") == "sd",
         )
         for encoder in encoders:
             encoder.to("cpu")
