@@ -46,6 +46,24 @@ def make_module(components, noise=None, lr=1e-3):
     )
 
 
+def smooth_images(n: int, size: int = 64) -> torch.Tensor:
+    """A smooth, learnable image (x, y, xy ramps), n times."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return torch.stack([torch.stack([xx, yy, xx * yy])] * n)
+
+
+def fit_steps(module, batch, steps: int) -> None:
+    """Plain optimisation steps of the shared diffusion loss on one fixed batch."""
+    optimizer = module.configure_optimizers()
+    module.train()
+    for _ in range(steps):
+        loss, _ = module.diffusion_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.eval()
+
+
 def fixed_eval_loss(module, batch, seed=123):
     """The loss at fixed noise and timesteps, so values are comparable across steps."""
     g = torch.Generator().manual_seed(seed)
@@ -77,18 +95,9 @@ def test_loss_goes_down_on_a_fixed_batch(components, noise):
     ids = module.tokenizer(
         ["a photo of sks toy"] * 4, padding="max_length", max_length=77, return_tensors="pt"
     ).input_ids
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
-    pixels = torch.stack([torch.stack([xx, yy, xx * yy])] * 4)  # a smooth, learnable image
-    batch = {"pixel_values": pixels, "input_ids": ids, "num_instance": 2}
-    optimizer = module.configure_optimizers()
+    batch = {"pixel_values": smooth_images(4), "input_ids": ids, "num_instance": 2}
     before = fixed_eval_loss(module, batch)
-    module.train()
-    for _ in range(40):
-        loss, _ = module.diffusion_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    module.eval()
+    fit_steps(module, batch, 40)
     after = fixed_eval_loss(module, batch)
     assert after < 0.7 * before, (before, after)
 

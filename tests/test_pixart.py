@@ -98,7 +98,7 @@ def test_dreambooth_pixart_exports_and_generates(tmp_path):
 
 def test_pixart_loss_goes_down_on_a_fixed_batch():
     from omegaconf import OmegaConf
-    from test_learning import fixed_eval_loss
+    from test_learning import fit_steps, fixed_eval_loss, smooth_images
 
     from t2ilab.models.transformers import load_pixart_components
     from t2ilab.modules.transformers import PixArtModule
@@ -111,21 +111,9 @@ def test_pixart_loss_goes_down_on_a_fixed_batch():
     ids = c.tokenizer(
         ["a red circle"] * 4, padding="max_length", max_length=120, return_tensors="pt"
     ).input_ids
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
-    batch = {
-        "pixel_values": torch.stack([torch.stack([xx, yy, xx * yy])] * 4),
-        "input_ids": ids,
-        "num_instance": 4,
-    }
-    optimizer = module.configure_optimizers()
+    batch = {"pixel_values": smooth_images(4), "input_ids": ids, "num_instance": 4}
     before = fixed_eval_loss(module, batch)
-    module.train()
-    for _ in range(40):
-        loss, _ = module.diffusion_loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    module.eval()
+    fit_steps(module, batch, 40)
     assert fixed_eval_loss(module, batch) < 0.7 * before
 
 
