@@ -70,3 +70,25 @@ def run_train(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_sweep(config_name: str, args: list[str], sweep_dir: Path, timeout: int = 900):
+    """`python train.py --config-dir sweeps --config-name NAME ARGS`, a whole multirun, with
+    the fast overrides, no exports or end-of-run grids, and its folders under `sweep_dir`."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config-dir",
+        "sweeps",
+        "--config-name",
+        config_name,
+        *FAST,
+        "export.enabled=false",
+        "callbacks.samples.at_end=false",
+        *args,
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.class_images_dir={sweep_dir.parent / 'class_images'}",
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )

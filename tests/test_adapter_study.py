@@ -6,34 +6,21 @@ import json
 import subprocess
 import sys
 
-from _support import FAST, ROOT
+from _support import ROOT, run_sweep
 from PIL import Image
 
 
 def test_position_sweep_then_anova(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(
+    # 3 x 2 of the 10 x 7 grid: five valid pairs and one impossible (FFN_out -> FFN_in).
+    proc = run_sweep(
+        "adapter_positions",
         [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config-dir",
-            "sweeps",
-            "--config-name",
-            "adapter_positions",
-            *FAST,
             "trainer.max_steps=2",
-            "export.enabled=false",
-            "callbacks.samples.at_end=false",
-            # 3 x 2 of the 10 x 7 grid: five valid pairs and one impossible (FFN_out -> FFN_in).
             "method.input_position=SA_in,CA_in,FFN_out",
             "method.output_position=FFN_in,Trans_out",
-            f"hydra.sweep.dir={sweep_dir}",
-            f"paths.class_images_dir={tmp_path / 'class_images'}",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        sweep_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]

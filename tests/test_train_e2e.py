@@ -150,32 +150,10 @@ def test_resume_last_in_the_same_run(run_dir):
 
 
 def test_four_arm_sweep_is_one_multirun(tmp_path):
-    import subprocess
-    import sys
-
-    from _support import ROOT
+    from _support import run_sweep
 
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config-dir",
-            "sweeps",
-            "--config-name",
-            "improved_dreambooth_arms",
-            *FAST,
-            "trainer.max_steps=1",
-            "export.enabled=false",
-            "callbacks.samples.at_end=false",
-            f"hydra.sweep.dir={sweep_dir}",
-            f"paths.class_images_dir={tmp_path / 'class_images'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_sweep("improved_dreambooth_arms", ["trainer.max_steps=1"], sweep_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = {}
     for path in sweep_dir.glob("*/results.json"):

@@ -27,11 +27,7 @@ from t2ilab.runner import run_task
 log = logging.getLogger("t2ilab.evaluate")
 
 # Subject keys that an export's t2ilab.json fills in unless given on the command line.
-_SUBJECT_KEYS = {
-    "identifier": "identifier",
-    "class_noun": "class_noun",
-    "instance_dir": "instance_dir",
-}
+_SUBJECT_KEYS = ("identifier", "class_noun", "instance_dir")
 
 
 def resolve_export(cfg: DictConfig) -> Path | None:
@@ -70,9 +66,9 @@ def apply_export_metadata(cfg: DictConfig, export: Path) -> None:
     metadata = json.loads(path.read_text())
     given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     with open_dict(cfg):
-        for key, meta_key in _SUBJECT_KEYS.items():
-            if f"data.{key}" not in given and metadata.get(meta_key):
-                cfg.data[key] = metadata[meta_key]
+        for key in _SUBJECT_KEYS:
+            if f"data.{key}" not in given and metadata.get(key):
+                cfg.data[key] = metadata[key]
     log.info("subject from %s: %s", path, {k: cfg.data[k] for k in _SUBJECT_KEYS})
 
 
