@@ -20,6 +20,7 @@ from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
+from t2ilab.launch import external_rank, local_rank
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_pipeline
@@ -48,9 +49,10 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def generation_device(cfg: DictConfig) -> torch.device:
+def generation_device(cfg: DictConfig, index: int = 0) -> torch.device:
+    """Where frozen models generate or encode before training; rank i of a node uses GPU i."""
     if cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", index % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -60,7 +62,8 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
         class_dir or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
     ).expanduser()
     pipe = components.pipeline(make_sampler(cfg.sampling.scheduler, components.scheduler_config))
-    device = generation_device(cfg)
+    device = generation_device(cfg, local_rank())
+    rank, world_size = external_rank()
     pipe.to(device)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         generate_class_images(
@@ -73,6 +76,8 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
             num_inference_steps=int(cfg.sampling.num_inference_steps),
             guidance_scale=float(cfg.sampling.guidance_scale),
             resolution=int(cfg.data.resolution),
+            rank=rank,
+            world_size=world_size,
         )
     pipe.to("cpu")
     return class_dir
@@ -181,7 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     if hasattr(datamodule, "prepare_features"):  # caches need the loaded encoders
-        device = generation_device(cfg)
+        device = generation_device(cfg, local_rank())
         encoders = [m for m in (components.vae, getattr(components, "text_encoder", None)) if m]
         for encoder in encoders:  # encode on the GPU when there is one, then give it back
             encoder.to(device)
@@ -206,6 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.method.module,
         **components.module_kwargs(),
         noise=OmegaConf.to_container(cfg.noise, resolve=True),
+        seed=int(cfg.seed),
     )
     if hasattr(datamodule, "id2label"):  # class-conditional: the export names its classes
         module.id2label = datamodule.id2label

@@ -3,12 +3,17 @@
 Generation resumes: images already in the folder (the user's own or an earlier partial run)
 count towards the target and are never overwritten. Image i always comes from seed + i, so an
 interrupted and resumed run gives the same set as an uninterrupted one.
+
+Ranks started together (torchrun, srun) share the work: rank r makes the missing images whose
+index is r modulo world_size, then waits until the folder is complete. Since image i is a function of i, the
+set is the same as one process would make.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -75,14 +80,22 @@ def generate_class_images(
     guidance_scale: float = 7.5,
     resolution: int | None = None,
     negative_prompt: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wait_timeout_s: float = 6 * 3600,
 ) -> int:
-    """Fill `class_dir` up to `num_images` images of `prompt`. Returns how many were made."""
+    """Fill `class_dir` up to `num_images` images of `prompt`. Returns how many this process
+    made (its share of the missing ones when `world_size` > 1)."""
     class_dir = Path(class_dir)
-    todo = plan_class_images(class_dir, num_images)
-    if not todo:
+    missing = plan_class_images(class_dir, num_images)
+    if not missing:
         log.info("class images: %d already in %s", num_images, class_dir)
         return 0
-    check_free_space(class_dir, len(todo), resolution)
+    # By index, not by position in `missing`: a rank that plans after another has already
+    # written some images still gets the same share.
+    todo = [i for i in missing if i % world_size == rank]
+    if rank == 0:  # one check for the whole set, before any rank writes
+        check_free_space(class_dir, len(missing), resolution)
     class_dir.mkdir(parents=True, exist_ok=True)
     log.info(
         "class images: generating %d of %d for %r in %s", len(todo), num_images, prompt, class_dir
@@ -106,4 +119,20 @@ def generate_class_images(
             for index, image in zip(chunk, images, strict=True):
                 save_image_atomic(image, class_dir / class_image_name(index))
             bar.update(len(chunk))
+    if world_size > 1:
+        wait_for_class_images(class_dir, missing, wait_timeout_s)
     return len(todo)
+
+
+def wait_for_class_images(class_dir: Path, indices: list[int], timeout_s: float) -> None:
+    """Until the other ranks' shares exist (each file appears whole: it is written atomically).
+    Polling the folder needs no process group, which only exists once training starts."""
+    deadline = time.monotonic() + timeout_s
+    pending = [class_dir / class_image_name(i) for i in indices]
+    while pending := [p for p in pending if not p.exists()]:
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"class images: {len(pending)} images from other ranks never appeared in "
+                f"{class_dir} (e.g. {pending[0].name}); did a rank fail? Rerun to resume"
+            )
+        time.sleep(1.0)

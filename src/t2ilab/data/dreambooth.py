@@ -12,7 +12,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from t2ilab.data.identifier import pick_rare_identifier, validate_identifier_in_prompt
 from t2ilab.data.images import ImageTransform, check_image_folder, list_images, load_rgb
@@ -168,6 +169,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         random_flip: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
+        shuffle: bool = True,
         cache_latents: bool = True,
         cache_text: bool = True,
     ):
@@ -192,6 +194,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.tokenizer = None
         self.prompt_transform = None
         self.prompts: DreamBoothPrompts | None = None
@@ -293,10 +296,16 @@ class DreamBoothDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if not self.shuffle and dist.is_available() and dist.is_initialized():
+            # Lightning's automatic DistributedSampler always shuffles a training loader;
+            # an unshuffled one keeps the order: rank r takes items r, r + N, ...
+            sampler = DistributedSampler(self.dataset, shuffle=False)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            shuffle=self.shuffle if sampler is None else None,
             num_workers=self.num_workers,
             collate_fn=collate_dreambooth,
             drop_last=False,

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from t2ilab.modules.losses import per_sample_mse, prior_preservation_loss
+from t2ilab.modules.step_random import StepRandom, grouped
 from t2ilab.noise import (
     NoiseConfig,
     build_noise_scheduler,
     min_snr_weights,
-    sample_noise,
     training_target,
 )
 
@@ -44,6 +44,7 @@ class DiffusionModule(L.LightningModule):
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -60,6 +61,8 @@ class DiffusionModule(L.LightningModule):
         self.strict_loading = False
         self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
         self.prompt_transform: Callable[[str], str] | None = None
+        self.seed = seed  # keys the step's noise and timesteps (see step_random)
+        self._calls_without_trainer = 0
 
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
 
@@ -110,23 +113,48 @@ class DiffusionModule(L.LightningModule):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Latents from images, or from a feature cache's stored VAE posterior (mean, std),
-        sampled exactly as latent_dist.sample() would be."""
+    def step_random(self, device: torch.device) -> StepRandom:
+        """This step's random draws (see t2ilab.modules.step_random). Under a trainer the key is
+        the step and the batch within it, so resumed and multi-rank runs draw the same values;
+        outside one (tests, benchmarks) every call is a new key."""
+        trainer = self._trainer
+        if trainer is None:
+            self._calls_without_trainer += 1
+            return StepRandom(self.seed, (self._calls_without_trainer,), device=device)
+        loop = trainer.fit_loop
+        key = (trainer.global_step, loop.epoch_loop.batch_idx, trainer.current_epoch)
+        return StepRandom(self.seed, key, trainer.global_rank, trainer.world_size, device)
+
+    def batch_latents(self, batch: dict[str, Any], rand: StepRandom) -> torch.Tensor:
+        """Latents sampled from the VAE posterior, computed here or read from a feature cache's
+        stored (mean, std); the same arithmetic as diffusers' latent_dist.sample()."""
         if "latent_mean" in batch:
-            from t2ilab.data.feature_cache import sample_latents
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            vae = self.vae
+            with torch.no_grad():
+                posterior = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
+            mean, std = posterior.mean, posterior.std
+        num_instance = int(batch.get("num_instance", mean.shape[0]))
+        eps = grouped(rand.randn, "posterior", mean.shape, num_instance, dtype=mean.dtype)
+        latents = mean + std * eps
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
 
-            latents = sample_latents(batch["latent_mean"], batch["latent_std"])
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            return (latents - shift) * self.vae.config.scaling_factor
-        return self.encode_latents(batch["pixel_values"])
-
-    def diffusion_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = self.batch_latents(batch).float()
-        noise = sample_noise(latents, self.noise.offset_noise)
+    def diffusion_loss(
+        self, batch: dict[str, Any], rand: StepRandom | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss and its parts; `rand` fixes the draws (default: this step's)."""
+        rand = rand or self.step_random(self.device)
+        latents = self.batch_latents(batch, rand).float()
+        num_instance = int(batch.get("num_instance", latents.shape[0]))
+        noise = grouped(rand.randn, "noise", latents.shape, num_instance)
+        if self.noise.offset_noise > 0:  # per-channel offset noise (Guttenberg 2023)
+            offset = grouped(rand.randn, "offset", latents.shape[:2] + (1, 1), num_instance)
+            noise = noise + self.noise.offset_noise * offset
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(
-            0, num_timesteps, (latents.shape[0],), device=latents.device
+        timesteps = grouped(
+            rand.randint, "timesteps", latents.shape[:1], num_instance, high=num_timesteps
         ).long()
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.noise_scheduler, latents, noise, timesteps)
@@ -137,7 +165,6 @@ class DiffusionModule(L.LightningModule):
         weights = None
         if self.noise.snr_gamma is not None:
             weights = min_snr_weights(self.noise_scheduler, timesteps, self.noise.snr_gamma)
-        num_instance = int(batch.get("num_instance", latents.shape[0]))
         return prior_preservation_loss(per_sample, num_instance, self.prior_loss_weight, weights)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
