@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from t2ilab.callbacks.ema import EMACallback, averaged_weights
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
@@ -115,6 +116,21 @@ def check_model_inputs(cfg: DictConfig, datamodule) -> None:
             )
 
 
+def check_ema(cfg: DictConfig) -> None:
+    if not cfg.ema.enabled:
+        return
+    if not 0.0 < float(cfg.ema.decay) < 1.0:
+        raise UserError(f"ema.decay={cfg.ema.decay}: must be between 0 and 1, e.g. 0.9999")
+    strategy = cfg.trainer.get("strategy") or {}
+    target = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy).lower()
+    if "fsdp" in target or ("deepspeed" in target and int(strategy.get("stage", 2)) == 3):
+        # Sharded strategies flatten the parameters after the EMA copies them.
+        raise UserError(
+            "ema.enabled=true works with one device, DDP and DeepSpeed stage 2, not with sharded "
+            "parameters (FSDP, ZeRO-3): use trainer=ddp or set ema.enabled=false"
+        )
+
+
 def init_from_previous_stage(cfg: DictConfig, components) -> None:
     """Stage hand-over: a PixArt transformer from the previous PixArt stage, or reparameterised
     from a class-conditional DiT (PixArt-alpha sec. 2.3)."""
@@ -169,6 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.check()
     check_resolution(cfg)
     check_model_inputs(cfg, datamodule)
+    check_ema(cfg)
     resume_from = resolve_ckpt_path(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -220,6 +237,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    if cfg.ema.enabled:
+        ema = {k: v for k, v in cfg.ema.items() if k != "enabled"}
+        callbacks.insert(0, EMACallback(**ema))
     evaluation = None
     if protocol is not None:
         evaluation = DreamBoothEvalCallback(
@@ -248,7 +268,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "base_model": cfg.model.pretrained,
             **(datamodule.subject() if hasattr(datamodule, "subject") else {}),
         }
-        export_run(cfg, module, Path(cfg.paths.output_dir) / "export", metadata)
+        with averaged_weights(module):  # the EMA weights when ema.enabled
+            export_run(cfg, module, Path(cfg.paths.output_dir) / "export", metadata)
     finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}
 

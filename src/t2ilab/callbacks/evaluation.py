@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from t2ilab.callbacks.ema import averaged_weights
 from t2ilab.metrics.dreambooth import ROW_COLUMNS
 from t2ilab.metrics.protocol import DreamBoothProtocol, EvalOutput
 from t2ilab.models.pipelines import make_sampler
@@ -101,7 +102,8 @@ class DreamBoothEvalCallback(L.Callback):
         pl_module.eval()
         try:
             config = inference_scheduler_config(pl_module.noise_scheduler, pl_module.noise)
-            out = self.protocol.run(pl_module.pipeline(make_sampler(self.scheduler, config)))
+            with averaged_weights(pl_module):  # the EMA weights when ema.enabled
+                out = self.protocol.run(pl_module.pipeline(make_sampler(self.scheduler, config)))
         finally:
             pl_module.train(was_training)
         save_eval_outputs(out, self.output_dir / f"eval_step_{step:06d}")

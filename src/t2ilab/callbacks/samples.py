@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from t2ilab.callbacks.ema import averaged_weights
 from t2ilab.models.pipelines import exact_size_kwargs, make_sampler
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
@@ -71,16 +72,17 @@ class SampleGridCallback(L.Callback):
             return None
         self._last_step = trainer.global_step
         prompts = [p.format(**pl_module.prompt_vars) for p in templates]
-        images = generate_images(
-            pl_module,
-            prompts,
-            self.images_per_prompt,
-            self.seed,
-            self.scheduler,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.resolution,
-        )
+        with averaged_weights(pl_module):  # the EMA weights when ema.enabled
+            images = generate_images(
+                pl_module,
+                prompts,
+                self.images_per_prompt,
+                self.seed,
+                self.scheduler,
+                self.num_inference_steps,
+                self.guidance_scale,
+                self.resolution,
+            )
         grid = make_grid(images, rows=len(prompts), captions=prompts)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"step_{trainer.global_step:06d}.png"

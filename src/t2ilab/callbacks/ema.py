@@ -1,0 +1,87 @@
+"""EMA of the trainable weights (diffusers' EMAModel), used for samples, evaluation and export.
+
+The module keeps training on its raw weights, and checkpoints hold those raw weights plus the
+EMA state (this callback's state_dict), so a resumed run continues both. Everything that looks
+at the model from outside training (sample grids, the evaluation protocol, the export) enters
+`averaged_weights(module)`, which swaps the EMA weights in and the raw ones back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+from diffusers.training_utils import EMAModel
+
+
+class EMACallback(L.Callback):
+    """Updates the EMA after every optimizer step (not every micro-batch) with diffusers'
+    decay schedule: min(decay, (1 + n) / (10 + n)), or with warmup
+    1 - (1 + n / inv_gamma) ** -power, n counting updates after `update_after_step`."""
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        update_after_step: int = 0,
+        warmup: bool = False,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+    ):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema.decay must be in (0, 1), got {decay}")
+        self.kwargs = dict(
+            decay=decay,
+            update_after_step=update_after_step,
+            use_ema_warmup=warmup,
+            inv_gamma=inv_gamma,
+            power=power,
+        )
+        self.ema: EMAModel | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.ema is None:
+            self.ema = EMAModel(pl_module.trainable_parameters(), **self.kwargs)
+            pl_module.ema_callback = self
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending_state is not None:  # resumed: the checkpoint's EMA replaces the copy
+            self.ema.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self.ema.to(device=pl_module.device)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self._last_step:  # an optimizer step happened
+            self.ema.step(pl_module.trainable_parameters())
+            self._last_step = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict() if self.ema is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = state_dict
+
+    @contextmanager
+    def swapped_in(self, pl_module) -> Iterator[None]:
+        params = pl_module.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+
+@contextmanager
+def averaged_weights(pl_module) -> Iterator[None]:
+    """The module with its EMA weights while inside; unchanged when EMA is off."""
+    callback = getattr(pl_module, "ema_callback", None)
+    if callback is None or callback.ema is None:
+        yield
+        return
+    with callback.swapped_in(pl_module):
+        yield

@@ -1,0 +1,108 @@
+"""EMA of the trainable weights: the export holds the EMA (checked against an independent
+computation from the per-step raw weights), checkpoints keep the raw weights, and a resumed run
+ends with the same EMA as an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _support import CONF, FAST, run_train
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from t2ilab.models.loading import load_sd_components
+
+DECAY = 0.2  # diffusers' schedule: 0 at the first update, then min(DECAY, (1 + n) / (10 + n))
+ARGS = [
+    "experiment=dreambooth_sigmoid",
+    *FAST,
+    "eval=none",
+    "callbacks.samples.at_end=false",
+    "ema.enabled=true",
+    f"ema.decay={DECAY}",
+    "method.lr=1e-3",  # big enough steps that raw and EMA weights differ clearly
+]
+
+
+def _unet_from_ckpt(path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+
+
+def _exported_unet(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_export_holds_the_ema_of_the_raw_weights(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(
+        [
+            *ARGS,
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+            "callbacks.model_checkpoint.keep_last=-1",
+        ],
+        run,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = [_unet_from_ckpt(run / "checkpoints" / f"step_{s:06d}.ckpt") for s in (1, 2, 3)]
+    base = load_sd_components(OmegaConf.load(CONF / "model" / "tiny_sd.yaml")).unet.state_dict()
+    ema = {k: v.clone() for k, v in base.items()}
+    for n, weights in enumerate(raw, start=1):  # independent of diffusers' EMAModel code
+        decay = _ema_decay(n)
+        ema = {k: decay * ema[k] + (1 - decay) * weights[k] for k in ema}
+    exported = _exported_unet(run)
+    assert set(exported) == set(ema)
+    for k in ema:
+        torch.testing.assert_close(exported[k], ema[k], rtol=1e-5, atol=1e-7)
+    # The checkpoint keeps the raw weights: resuming trains them, not the average.
+    moved = max((raw[2][k] - exported[k]).abs().max().item() for k in exported)
+    assert moved > 1e-5
+    last = _unet_from_ckpt(run / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(last[k], raw[2][k]) for k in last)
+
+
+def _ema_decay(optimization_step: int) -> float:
+    step = optimization_step - 1
+    return 0.0 if step <= 0 else min(DECAY, (1 + step) / (10 + step))
+
+
+def test_a_resumed_run_continues_the_checkpointed_ema(tmp_path):
+    """After resuming at step 2, the EMA goes on from the checkpoint's EMA (not from the current
+    weights, which a fresh EMA would start from)."""
+    every_step = [
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.keep_last=-1",
+    ]
+    run = tmp_path / "run"
+    first = run_train([*ARGS, *every_step, "trainer.max_steps=2"], run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (ema_state,) = [v for k, v in state["callbacks"].items() if k.startswith("EMACallback")]
+    assert ema_state["optimization_step"] == 2
+    resumed = run_train([*ARGS, *every_step, "trainer.max_steps=4", "ckpt_path=last"], run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    names = [
+        k.removeprefix("unet.") for k, v in state["state_dict"].items() if k.startswith("unet.")
+    ]
+    ema = dict(zip(names, ema_state["shadow_params"], strict=True))
+    for n in (3, 4):
+        raw = _unet_from_ckpt(run / "checkpoints" / f"step_{n:06d}.ckpt")
+        decay = _ema_decay(n)
+        ema = {k: decay * ema[k] + (1 - decay) * raw[k] for k in ema}
+    exported = _exported_unet(run)
+    for k in ema:
+        torch.testing.assert_close(exported[k], ema[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["ema.decay=1.5"], "ema.decay=1.5: must be between 0 and 1"),
+        (["trainer=fsdp"], "not with sharded parameters"),
+    ],
+)
+def test_bad_ema_settings_fail_before_training(overrides, match, tmp_path):
+    proc = run_train([*ARGS, *overrides], tmp_path / "run")
+    assert proc.returncode == 2
+    assert match in proc.stderr.strip().splitlines()[-1]
