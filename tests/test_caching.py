@@ -66,3 +66,21 @@ def test_caching_stays_off_where_it_would_change_training(components):
     assert trainable_text.text_features is None and trainable_text.image_features is not None
     batch = _first_batch(trainable_text)
     assert "input_ids" in batch and "latent_mean" in batch
+
+
+def test_a_cached_text_encoder_leaves_the_device_during_training(components):
+    """No GPU here: the module's device is set by hand and the encoder's moves are recorded."""
+    assert _datamodule(components, True).text_from_cache
+    assert not _datamodule(components, True, text_frozen=False).text_from_cache
+    module = DreamBoothModule(**copy.deepcopy(components).module_kwargs())
+    moves = []
+    module.text_encoder.to = lambda device: moves.append(str(device))
+    module._device = torch.device("cuda", 0)
+    module.on_train_start()
+    assert moves == []  # offloading is only on when every prompt state is cached
+    module.offload_text_encoder = True
+    module.on_train_start()
+    assert moves == ["cpu"]
+    with module.for_inference():  # sampling, evaluation and export borrow it back
+        assert moves == ["cpu", "cuda:0"]
+    assert moves == ["cpu", "cuda:0", "cpu"]

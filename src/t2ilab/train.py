@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from t2ilab.callbacks.ema import EMACallback, averaged_weights
+from t2ilab.callbacks.ema import EMACallback
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
@@ -234,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.id2label = datamodule.id2label
     module.prompt_vars = prompt_vars
     module.prompt_transform = prompt_transform
+    module.offload_text_encoder = bool(getattr(datamodule, "text_from_cache", False))
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
@@ -268,7 +269,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "base_model": cfg.model.pretrained,
             **(datamodule.subject() if hasattr(datamodule, "subject") else {}),
         }
-        with averaged_weights(module):  # the EMA weights when ema.enabled
+        with module.for_inference():  # e.g. the EMA weights when ema.enabled
             export_run(cfg, module, Path(cfg.paths.output_dir) / "export", metadata)
     finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}

@@ -3,7 +3,7 @@
 The module keeps training on its raw weights, and checkpoints hold those raw weights plus the
 EMA state (this callback's state_dict), so a resumed run continues both. Everything that looks
 at the model from outside training (sample grids, the evaluation protocol, the export) enters
-`averaged_weights(module)`, which swaps the EMA weights in and the raw ones back afterwards.
+`module.for_inference()`, which swaps the EMA weights in and the raw ones back afterwards.
 """
 
 from __future__ import annotations
@@ -74,14 +74,3 @@ class EMACallback(L.Callback):
             yield
         finally:
             self.ema.restore(params)
-
-
-@contextmanager
-def averaged_weights(pl_module) -> Iterator[None]:
-    """The module with its EMA weights while inside; unchanged when EMA is off."""
-    callback = getattr(pl_module, "ema_callback", None)
-    if callback is None or callback.ema is None:
-        yield
-        return
-    with callback.swapped_in(pl_module):
-        yield

@@ -13,7 +13,6 @@ import lightning as L
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from t2ilab.callbacks.ema import averaged_weights
 from t2ilab.metrics.dreambooth import ROW_COLUMNS
 from t2ilab.metrics.protocol import DreamBoothProtocol, EvalOutput
 from t2ilab.models.pipelines import make_sampler
@@ -102,7 +101,7 @@ class DreamBoothEvalCallback(L.Callback):
         pl_module.eval()
         try:
             config = inference_scheduler_config(pl_module.noise_scheduler, pl_module.noise)
-            with averaged_weights(pl_module):  # the EMA weights when ema.enabled
+            with pl_module.for_inference():  # e.g. the EMA weights when ema.enabled
                 out = self.protocol.run(pl_module.pipeline(make_sampler(self.scheduler, config)))
         finally:
             pl_module.train(was_training)

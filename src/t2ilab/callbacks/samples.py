@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from t2ilab.callbacks.ema import averaged_weights
 from t2ilab.models.pipelines import exact_size_kwargs, make_sampler
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
@@ -72,7 +71,7 @@ class SampleGridCallback(L.Callback):
             return None
         self._last_step = trainer.global_step
         prompts = [p.format(**pl_module.prompt_vars) for p in templates]
-        with averaged_weights(pl_module):  # the EMA weights when ema.enabled
+        with pl_module.for_inference():  # e.g. the EMA weights when ema.enabled
             images = generate_images(
                 pl_module,
                 prompts,

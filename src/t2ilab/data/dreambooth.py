@@ -249,6 +249,11 @@ class DreamBoothDataModule(L.LightningDataModule):
             return None
         return list_images(self.class_dir)[: self.num_class_images]
 
+    @property
+    def text_from_cache(self) -> bool:
+        """Whether training reads every prompt state from the cache (no text encoder needed)."""
+        return self.text_features is not None
+
     @torch.no_grad()
     def prepare_features(self, components, *, text_frozen: bool, **_unused) -> None:
         """Encode what does not change during training once: VAE posteriors of the images when

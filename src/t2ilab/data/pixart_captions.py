@@ -124,6 +124,11 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         ).input_ids[0]
         return {"input_ids": ids}
 
+    @property
+    def text_from_cache(self) -> bool:
+        """Whether training reads every T5 state from the feature cache (no T5 needed)."""
+        return self.cache
+
     def prepare_features(
         self, components, model_key: dict, vae_factor: int, patch_size: int, **_unused
     ) -> None:

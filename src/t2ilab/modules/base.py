@@ -8,7 +8,8 @@ prior-preservation split. A subclass says what is trainable and how conditioning
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning as L
@@ -62,6 +63,10 @@ class DiffusionModule(L.LightningModule):
         self.prompt_vars: dict[str, str] = {}  # e.g. identifier, class_noun: used by callbacks
         self.prompt_transform: Callable[[str], str] | None = None
         self.seed = seed  # keys the step's noise and timesteps (see step_random)
+        # Set when every prompt state comes from a cache: the text encoder then waits on the CPU
+        # during training, and comes back to the device only for sampling/eval/export.
+        self.offload_text_encoder = False
+        self.ema_callback = None  # set by t2ilab.callbacks.ema.EMACallback
         self._calls_without_trainer = 0
 
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
@@ -178,6 +183,28 @@ class DiffusionModule(L.LightningModule):
                 "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size
             )
         return loss
+
+    # --- what sampling, evaluation and export see ----------------------------------------------
+
+    def on_train_start(self) -> None:
+        encoder = getattr(self, "text_encoder", None)
+        if self.offload_text_encoder and encoder is not None and self.device.type != "cpu":
+            encoder.to("cpu")  # prompt states come from the cache: free its device memory
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def for_inference(self) -> Iterator[None]:
+        """The module as sampling, evaluation and export should see it: the EMA weights when
+        EMA is on, and an offloaded text encoder back on the module's device."""
+        with ExitStack() as stack:
+            if self.ema_callback is not None and self.ema_callback.ema is not None:
+                stack.enter_context(self.ema_callback.swapped_in(self))
+            encoder = getattr(self, "text_encoder", None)
+            on_cpu = encoder is not None and next(encoder.parameters()).device.type == "cpu"
+            if self.offload_text_encoder and on_cpu and self.device.type != "cpu":
+                encoder.to(self.device)
+                stack.callback(encoder.to, "cpu")
+            yield
 
     # --- optimisation and checkpoints ---------------------------------------------------------
 
