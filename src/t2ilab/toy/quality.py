@@ -1,0 +1,247 @@
+"""How good the toy models are, measured on fresh renders (a seed the recipes never train on).
+
+The recipes write these numbers into `training.json` after loading the exported folder back, and
+`tests/test_toy_models.py` asserts them on the shipped folders, so both measure the artefact a
+user loads, through the same loaders the metrics use (`ClipEmbedder`, `DinoEmbedder`).
+Each `*_grid` function draws the sample grid a recipe saves next to its numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from t2ilab.data.toy import (
+    COLORS,
+    SHAPES,
+    SUBJECTS,
+    Scene,
+    _article,
+    dense_caption,
+    image_to_tensor,
+    render,
+    scene_at,
+    subject_scenes,
+)
+from t2ilab.toy.data import appearance, object_at, random_view
+from t2ilab.utils.images import make_grid
+
+# Seeds of the fresh renders: the recipes train on seeds 0-2.
+EVAL_SEED = 1000
+
+
+def render_batch(scenes: list[Scene], resolution: int = 64) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1], the range the VAE sees."""
+    return torch.stack([image_to_tensor(render(s, resolution)) for s in scenes])
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], the range the embedders take."""
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> PIL images."""
+    array = (to_unit(images) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def subject_instances(n: int = 6) -> list[Scene]:
+    return [s for subject in SUBJECTS.values() for s in subject_scenes(subject, n)]
+
+
+# --- toy_vae -------------------------------------------------------------------------------------
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1], measured in [0, 1]."""
+    mse = ((to_unit(reconstruction) - to_unit(target)) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def vae_quality(vae, seed: int = EVAL_SEED, n: int = 64) -> dict[str, float]:
+    """PSNR of reconstructions (posterior mode) of `n` world renders and of the subjects'
+    instance images; mean and std of scaled latents (posterior samples x scaling_factor),
+    which SD-style training expects near 0 and 1."""
+    vae = vae.eval()
+    images = render_batch([scene_at(seed, i) for i in range(n)])
+    subjects = render_batch(subject_instances())
+    posterior = vae.encode(images).latent_dist
+    generator = torch.Generator().manual_seed(seed)
+    latents = posterior.sample(generator) * vae.config.scaling_factor
+    return {
+        "psnr": float(psnr(vae.decode(posterior.mode()).sample.clamp(-1, 1), images).mean()),
+        "subject_psnr": float(psnr(reconstruct(vae, subjects), subjects).mean()),
+        "latent_std": float(latents.std()),
+        "latent_mean": float(latents.mean()),
+    }
+
+
+@torch.no_grad()
+def vae_grid(vae, seed: int = EVAL_SEED, columns: int = 8) -> Image.Image:
+    """Rows: originals, reconstructions (world renders), then the same for subject images."""
+    world = render_batch([scene_at(seed, i) for i in range(columns)])
+    subjects = render_batch(subject_instances(3)[:columns])
+    rows = []
+    for images in (world, subjects):
+        rows += [images, reconstruct(vae.eval(), images)]
+    captions = ["originals", "reconstructions", "subjects", "reconstructions"]
+    return make_grid(to_pil(torch.cat(rows)), rows=4, captions=captions)
+
+
+# --- toy_clip ------------------------------------------------------------------------------------
+
+
+def shape_prompts() -> list[str]:
+    return [f"{_article(shape)} {shape}" for shape in SHAPES]
+
+
+def color_prompts(color: str) -> list[str]:
+    """'a red circle', 'a red square', ...: averaged into one colour embedding (CLIP's prompt
+    ensembling), so the colour is classified whatever the shape."""
+    return [f"{_article(color)} {color} {shape}" for shape in SHAPES]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+@torch.no_grad()
+def clip_quality(
+    embedder, seed: int = EVAL_SEED, n: int = 256, batch: int = 32
+) -> dict[str, float]:
+    """Zero-shot shape accuracy ('a star' prompts, chance 1/8), colour accuracy (ensembled
+    'a red <shape>' prompts, chance 1/11), and retrieval top-1 among `batch` images and their
+    dense captions, both ways (chance 1/`batch`)."""
+    scenes = [scene_at(seed, i) for i in range(n)]
+    images = _unit(embedder.embed_images(to_unit(render_batch(scenes))))
+    shapes = _unit(embedder.embed_texts(shape_prompts()))
+    colors = torch.stack(
+        [_unit(_unit(embedder.embed_texts(color_prompts(c))).mean(0)) for c in COLORS]
+    )
+    shape_true = torch.tensor([SHAPES.index(s.shape) for s in scenes])
+    color_true = torch.tensor([list(COLORS).index(s.color) for s in scenes])
+    texts = _unit(embedder.embed_texts([dense_caption(s) for s in scenes]))
+    i2t, t2i = [], []
+    for start in range(0, n - batch + 1, batch):
+        sims = images[start : start + batch] @ texts[start : start + batch].T
+        target = torch.arange(batch)
+        i2t.append((sims.argmax(1) == target).float().mean())
+        t2i.append((sims.argmax(0) == target).float().mean())
+    return {
+        "shape_acc": float(((images @ shapes.T).argmax(1) == shape_true).float().mean()),
+        "color_acc": float(((images @ colors.T).argmax(1) == color_true).float().mean()),
+        "retrieval_i2t_top1": float(torch.stack(i2t).mean()),
+        "retrieval_t2i_top1": float(torch.stack(t2i).mean()),
+    }
+
+
+GRID_PROMPTS = (
+    *shape_prompts(),
+    "a red heart",
+    "a blue star with white dots",
+    "a small green circle on a black background",
+    "a large square on a checkered background, top left",
+)
+
+
+@torch.no_grad()
+def clip_grid(embedder, seed: int = EVAL_SEED, pool: int = 512, columns: int = 8) -> Image.Image:
+    """Text-to-image retrieval: per prompt, its `columns` best matches among `pool` renders."""
+    images = render_batch([scene_at(seed, i) for i in range(pool)])
+    image_features = _unit(embedder.embed_images(to_unit(images)))
+    text_features = _unit(embedder.embed_texts(list(GRID_PROMPTS)))
+    best = (text_features @ image_features.T).topk(columns, dim=1).indices
+    captions = [f"{p!r}: top {columns} of {pool}" for p in GRID_PROMPTS]
+    return make_grid(to_pil(images[best.flatten()]), rows=len(GRID_PROMPTS), captions=captions)
+
+
+# --- toy_dino ------------------------------------------------------------------------------------
+
+
+def view_pairs(seed: int, n: int, extras_prob: float = 0.25) -> tuple[list[Scene], list[Scene]]:
+    """Two views of each of `n` objects (as the DINO recipe trains on, from another seed)."""
+    first, second = [], []
+    for i in range(n):
+        scene = object_at(seed, i, extras_prob)
+        rng = np.random.default_rng([seed, i, 11])
+        first.append(random_view(scene, rng))
+        second.append(random_view(scene, rng))
+    return first, second
+
+
+def _embed(embedder, scenes: list[Scene]) -> torch.Tensor:
+    return _unit(embedder.embed_images(to_unit(render_batch(scenes))))
+
+
+def _mean_offdiagonal(sims: torch.Tensor) -> float:
+    mask = ~torch.eye(len(sims), dtype=torch.bool)
+    return float(sims[mask].mean())
+
+
+@torch.no_grad()
+def dino_quality(embedder, seed: int = EVAL_SEED, n: int = 128) -> dict[str, float]:
+    """CLS-embedding cosines between two views of one object (other background, size,
+    position, pose) vs. different objects; object retrieval top-1 (a view finds its object's
+    other view among `n`); 1-NN shape accuracy among *other* objects (chance ~1/8). For the
+    DreamBooth subjects: mean cosine between a subject's instance images, between them and
+    renders of the subject without its unique feature (same shape, colour and stripes, no
+    spot or second stripe colour), and between them and other objects."""
+    first, second = view_pairs(seed, n)
+    a, b = _embed(embedder, first), _embed(embedder, second)
+    sims = a @ b.T
+    keys = [appearance(s) for s in first]
+    same = torch.tensor([[x == y for y in keys] for x in keys])
+    nearest_other = sims.masked_fill(same, -2).argmax(1)
+    shape_true = [s.shape for s in first]
+
+    subject_same, lookalike, other = [], [], []
+    for k, subject in enumerate(SUBJECTS.values()):
+        instances = _embed(embedder, subject_scenes(subject, 6))
+        plain = dataclasses.replace(subject.base, second_pattern_color=None, spot_color=None)
+        rng = np.random.default_rng([seed, k, 13])
+        lookalikes = _embed(embedder, [random_view(plain, rng) for _ in range(6)])
+        subject_same.append(_mean_offdiagonal(instances @ instances.T))
+        lookalike.append(float((instances @ lookalikes.T).mean()))
+        other.append(float((instances @ a.T).mean()))
+    return {
+        "same_object_cos": float(sims.diagonal().mean()),
+        "different_object_cos": float(sims[~same].mean()),
+        "object_top1": float(
+            same[torch.arange(n), sims.argmax(1)].float().mean()  # any view of the same look
+        ),
+        "knn_shape_acc": float(
+            np.mean([shape_true[int(j)] == shape_true[i] for i, j in enumerate(nearest_other)])
+        ),
+        "subject_same_cos": float(np.mean(subject_same)),
+        "subject_lookalike_cos": float(np.mean(lookalike)),
+        "subject_other_cos": float(np.mean(other)),
+    }
+
+
+@torch.no_grad()
+def dino_grid(embedder, seed: int = EVAL_SEED, n: int = 128, columns: int = 8) -> Image.Image:
+    """Nearest neighbours: each row is a query, then its `columns - 1` nearest among the other
+    images (two views of `n` objects plus the subjects' instance images). The first rows query
+    world objects, the last ones the three subjects."""
+    first, second = view_pairs(seed, n)
+    gallery = first + second + subject_instances()
+    features = _embed(embedder, gallery)
+    queries = list(range(6)) + [2 * n + 6 * k for k in range(len(SUBJECTS))]
+    tiles = []
+    for q in queries:
+        sims = features @ features[q]
+        sims[q] = -2
+        tiles += [gallery[q]] + [gallery[int(j)] for j in sims.topk(columns - 1).indices]
+    captions = [f"query, then its {columns - 1} nearest of {len(gallery) - 1}"] * len(queries)
+    return make_grid(to_pil(render_batch(tiles)), rows=len(queries), captions=captions)
