@@ -243,3 +243,66 @@ def test_ddp_on_two_processes_matches_one_process_with_the_doubled_batch(tmp_pat
     # The check can fail: a batch of image 0 alone gives a clearly different update.
     gap = (updates["first_image_only"] - updates["single"]).norm() / updates["single"].norm()
     assert gap > 0.1
+
+
+def test_single_job_argv_keeps_the_config_and_this_jobs_overrides():
+    from t2ilab.launch import single_job_argv
+
+    argv = [
+        "train.py",
+        "-m",
+        "--config-dir",
+        "sweeps",
+        "--config-name=adapter_positions",
+        "seed=0,1",
+        "hydra.sweep.dir=/x",
+        "trainer=ddp",
+    ]
+    assert single_job_argv(argv, ["seed=1", "trainer=ddp"]) == [
+        "train.py",
+        "--config-dir",
+        "sweeps",
+        "--config-name=adapter_positions",
+        "seed=1",
+        "trainer=ddp",
+    ]
+
+
+def test_a_multirun_of_ddp_jobs_trains_each_job_once_in_its_own_folder(tmp_path):
+    """Lightning's launcher re-runs the command for rank 1: without pinning it to the job, rank
+    1 would run the whole sweep; without clearing LOCAL_RANK, job 2 would wait forever."""
+    import os
+    import subprocess
+    import sys
+
+    from _support import ROOT
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *DDP_ARGS,
+        "export.enabled=false",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for seed, job in enumerate(jobs):
+        result = json.loads((job / "results.json").read_text())
+        assert result["status"] == "ok" and result["steps"] == 1
+        assert result["factors"]["seed"] == seed
+        assert (job / "train_ddp_process_1.log").is_file()  # rank 1 trained this job, here

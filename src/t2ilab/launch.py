@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 
 def external_rank() -> tuple[int, int]:
@@ -52,6 +55,64 @@ def run_stamp() -> str:
         return f"slurm-{job}" + (f"_{task}" if task else "") + f".{step}"
     # Microseconds: two runs started in the same second never share a folder.
     return f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
+
+
+# Command-line options that say which config to load; every other option is Hydra's run mode.
+_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def single_job_argv(argv: Sequence[str], job_overrides: Sequence[str]) -> list[str]:
+    """The command line that runs one job of a multirun on its own: the same config options,
+    this job's overrides, and no --multirun or sweep lists."""
+    out, args = [argv[0]], list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(_CONFIG_OPTIONS) and "=" in arg:
+            out.append(arg)
+        elif arg in _CONFIG_OPTIONS and i + 1 < len(args):
+            out += [arg, args[i + 1]]
+            i += 1
+        i += 1
+    return out + list(job_overrides)
+
+
+def pin_job_for_lightning_ranks() -> None:
+    """Before `trainer.fit`: Lightning's DDP launcher starts ranks > 0 by re-running sys.argv
+    with `hydra.run.dir=<HydraConfig run.dir>`. In a multirun that would be the whole sweep in
+    another folder; point both at this job, so its ranks train it and share its folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = single_job_argv(sys.argv, list(hydra_cfg.overrides.task))
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+_LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def rank_scope() -> Iterator[None]:
+    """Around `trainer.fit`: afterwards, remove the variables Lightning's launcher set and the
+    process group, so the next job of a multirun starts its own ranks (with LOCAL_RANK left
+    set, Lightning would think they were started externally and wait for them forever)."""
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def register_resolvers() -> None:

@@ -21,7 +21,7 @@ from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
-from t2ilab.launch import external_rank, local_rank
+from t2ilab.launch import external_rank, local_rank, pin_job_for_lightning_ranks, rank_scope
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_pipeline
@@ -255,7 +255,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(flat_config(cfg))
     log_parameter_counts(module, loggers)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    pin_job_for_lightning_ranks()
+    with rank_scope():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
     metrics = {}
     if "train/loss" in trainer.callback_metrics:
