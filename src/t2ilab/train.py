@@ -116,6 +116,24 @@ def check_model_inputs(cfg: DictConfig, datamodule) -> None:
             )
 
 
+def export_dir(cfg: DictConfig) -> Path:
+    """export.dir, or <run dir>/export."""
+    folder = cfg.export.get("dir")
+    return Path(folder).expanduser() if folder else Path(cfg.paths.output_dir) / "export"
+
+
+def check_export_dir(cfg: DictConfig) -> None:
+    """An export.dir that already holds something is only replaced when asked to."""
+    if not cfg.export.enabled or not cfg.export.get("dir") or cfg.export.get("overwrite"):
+        return
+    folder = export_dir(cfg)
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(
+            f"export.dir={folder} is not empty: choose a new folder, or set "
+            "export.overwrite=true to replace it when training ends"
+        )
+
+
 def check_ema(cfg: DictConfig) -> None:
     if not cfg.ema.enabled:
         return
@@ -186,6 +204,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_resolution(cfg)
     check_model_inputs(cfg, datamodule)
     check_ema(cfg)
+    check_export_dir(cfg)
     resume_from = resolve_ckpt_path(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -272,7 +291,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **(datamodule.subject() if hasattr(datamodule, "subject") else {}),
         }
         with module.for_inference():  # e.g. the EMA weights when ema.enabled
-            export_run(cfg, module, Path(cfg.paths.output_dir) / "export", metadata)
+            export_run(cfg, module, export_dir(cfg), metadata)
     finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}
 

@@ -92,6 +92,8 @@ def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
     model_cfg = _plain(model_cfg)
     if model_cfg.get("pretrained"):
         vae_config = check_pretrained_reference(model_cfg["pretrained"], model_cfg.get("revision"))
+    elif (model_cfg.get("components") or {}).get("vae"):
+        vae_config = json.loads((component_folder(model_cfg, "vae") / "config.json").read_text())
     else:
         vae_config = model_cfg["tiny"]["vae"]
     # Transformer backbones also patchify the latent (PixArt / DiT: patch_size 2).
@@ -137,6 +139,8 @@ def load_tokenizer(model_cfg: DictConfig | dict):
         return CLIPTokenizer.from_pretrained(
             _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
         )
+    if (model_cfg.get("components") or {}).get("tokenizer"):
+        return CLIPTokenizer.from_pretrained(component_folder(model_cfg, "tokenizer"))
     if model_cfg.get("tiny"):
         max_length = model_cfg["tiny"]["text_encoder"]["max_position_embeddings"]
         return build_clip_tokenizer(model_max_length=max_length)
@@ -148,7 +152,11 @@ def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDi
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     if model_cfg.get("pretrained"):
         return _load_pretrained(model_cfg, tokenizer)
-    return build_tiny_sd(model_cfg["tiny"], tokenizer)
+    if model_cfg.get("components"):
+        for name in ("vae", "text_encoder"):
+            if model_cfg["components"].get(name):
+                component_folder(model_cfg, name)  # a clear error for a wrong folder
+    return build_tiny_sd(model_cfg["tiny"], tokenizer, model_cfg.get("components"))
 
 
 def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionComponents:
@@ -163,18 +171,42 @@ def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionCom
     return StableDiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
-def build_tiny_sd(tiny_cfg: dict[str, Any], tokenizer=None) -> StableDiffusionComponents:
-    """A small SD-shaped model from config, identical for the same seed on any machine."""
+def component_folder(model_cfg: dict[str, Any], name: str) -> Path:
+    """model.components.NAME: a local folder holding one pretrained part (e.g. a VAE)."""
+    folder = Path(model_cfg["components"][name]).expanduser()
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise UserError(
+            f"model.components.{name}={folder} is not a saved model folder (no config.json): "
+            "point it at a folder written by save_pretrained()"
+        )
+    return folder
+
+
+def build_tiny_sd(
+    tiny_cfg: dict[str, Any], tokenizer=None, components: dict[str, str] | None = None
+) -> StableDiffusionComponents:
+    """A small SD-shaped model from config, identical for the same seed on any machine.
+    `components` names folders to load parts from instead (vae, text_encoder): a new UNet over
+    a pretrained VAE and text encoder, as when pretraining the toy models."""
+    components = components or {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny_cfg.get("seed", 0)))
         unet = UNet2DConditionModel(**tiny_cfg["unet"])
-        vae = AutoencoderKL(**tiny_cfg["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_cfg["text_encoder"]))
+        if components.get("vae"):
+            vae = AutoencoderKL.from_pretrained(Path(components["vae"]).expanduser())
+        else:
+            vae = AutoencoderKL(**tiny_cfg["vae"])
+        if components.get("text_encoder"):
+            path = Path(components["text_encoder"]).expanduser()
+            text_encoder = CLIPTextModel.from_pretrained(path)
+        else:
+            text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_cfg["text_encoder"]))
     for module in (unet, vae, text_encoder):  # eval mode, as from_pretrained returns them
         module.eval()
-    # The real CLIP BPE vocabulary, so identifiers like "sks" tokenize exactly as in SD.
-    max_length = tiny_cfg["text_encoder"]["max_position_embeddings"]
-    tokenizer = tokenizer or build_clip_tokenizer(model_max_length=max_length)
+    if tokenizer is None:
+        # The real CLIP BPE vocabulary, so identifiers like "sks" tokenize exactly as in SD.
+        max_length = tiny_cfg["text_encoder"]["max_position_embeddings"]
+        tokenizer = build_clip_tokenizer(model_max_length=max_length)
     return StableDiffusionComponents(
         unet, vae, text_encoder, tokenizer, dict(tiny_cfg["scheduler"])
     )

@@ -1,0 +1,142 @@
+"""Text-to-image data rendered on the fly from the toy world (t2ilab.data.toy).
+
+Used to pretrain the toy diffusion models: every example is a fresh render with its exact
+caption, so there are no files to write and no fixed dataset to overfit. An "epoch" is `size`
+renders; example i of epoch e is scene (seed, e * size + i), so every epoch sees new scenes and
+a resumed run sees the same ones as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from t2ilab.data.captioned import collate_captioned
+from t2ilab.data.dreambooth import tokenize
+from t2ilab.data.toy import SHAPES, class_caption, dense_caption, image_to_tensor, render, scene_at
+from t2ilab.errors import UserError
+
+CAPTION_KINDS = ("dense", "class", "mixed")
+
+
+class ToyWorldTextImages(Dataset):
+    """(render, tokenized caption) pairs; `caption` dense, class-only, or mixed (each example
+    dense or class with equal odds); "" with probability `caption_dropout` (for CFG)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        size: int,
+        seed: int,
+        resolution: int,
+        caption: str = "dense",
+        caption_dropout: float = 0.0,
+        shapes: tuple[str, ...] = SHAPES,
+    ):
+        self.tokenizer, self.size, self.seed = tokenizer, int(size), int(seed)
+        self.resolution, self.caption, self.caption_dropout = resolution, caption, caption_dropout
+        self.shapes = tuple(shapes)
+        self.epoch = 0
+        self.empty_ids = tokenize(tokenizer, "")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def caption_for(self, scene, rng: random.Random) -> str:
+        kind = self.caption
+        if kind == "mixed":
+            kind = "dense" if rng.random() < 0.5 else "class"
+        return dense_caption(scene) if kind == "dense" else class_caption(scene)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        global_index = self.epoch * self.size + int(index)
+        scene = scene_at(self.seed, global_index, shapes=self.shapes)
+        rng = random.Random(f"{self.seed}/{global_index}")  # caption choices, per example
+        drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
+        ids = self.empty_ids if drop else tokenize(self.tokenizer, self.caption_for(scene, rng))
+        return {
+            "pixel_values": image_to_tensor(render(scene, self.resolution)),
+            "input_ids": ids,
+        }
+
+
+class ToyWorldDataModule(L.LightningDataModule):
+    """Toy-world pretraining data with the datamodule interface train.py expects
+    (check, bind, class_prompt, validation_prompts)."""
+
+    def __init__(
+        self,
+        size: int = 50_000,
+        seed: int = 0,
+        resolution: int = 64,
+        caption: str = "dense",
+        caption_dropout: float = 0.1,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        validation_prompts: list[str] | None = None,
+        shapes: list[str] | None = None,
+        **_ignored,
+    ):
+        super().__init__()
+        self.size, self.seed, self.resolution = size, seed, resolution
+        self.caption, self.caption_dropout = caption, caption_dropout
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._validation_prompts = list(validation_prompts or [])
+        self.shapes = tuple(shapes) if shapes else SHAPES
+        self.tokenizer = None
+        self.dataset: ToyWorldTextImages | None = None
+
+    def check(self) -> None:
+        if self.caption not in CAPTION_KINDS:
+            raise UserError(f"data.caption={self.caption}: use one of {', '.join(CAPTION_KINDS)}")
+        if not 0.0 <= float(self.caption_dropout) <= 1.0:
+            raise UserError(
+                f"data.caption_dropout={self.caption_dropout} is not a probability: use 0.0 to 1.0"
+            )
+        if int(self.batch_size) < 1 or int(self.size) < 1:
+            raise UserError("data.batch_size and data.size must be at least 1")
+        unknown = [s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise UserError(f"data.shapes: unknown {unknown}; the toy world has {list(SHAPES)}")
+
+    def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
+        self.tokenizer = tokenizer
+        return {}
+
+    @property
+    def class_prompt(self) -> str | None:
+        return None
+
+    def validation_prompts(self) -> list[str]:
+        return self._validation_prompts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("ToyWorldDataModule.bind(tokenizer) must run before setup")
+        self.dataset = ToyWorldTextImages(
+            self.tokenizer,
+            self.size,
+            self.seed,
+            self.resolution,
+            self.caption,
+            self.caption_dropout,
+            self.shapes,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:  # new scenes every epoch (workers are re-created per epoch)
+            self.dataset.set_epoch(self.trainer.current_epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,  # scene i is already random; the order keeps resumes exact
+            num_workers=self.num_workers,
+            collate_fn=collate_captioned,
+            drop_last=True,
+        )
