@@ -200,7 +200,7 @@ def test_cli_logs_the_grid_to_wandb_offline(saved, tmp_path, monkeypatch):
     args += ["--prompt-a", A, "--prompt-b", B, "--timesteps", "500", "--out", str(out)]
     assert main([*args, "--wandb-log"]) == 0
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    keys = history_keys(run)
+    keys = history_keys(run, expect="noise_diff/mean_t500")
     assert "noise_diff/mean_t500" in keys
     assert any(k.startswith("noise_diff/grid") for k in keys)  # the image
 

@@ -8,6 +8,7 @@ of wandb's former sdk/internal/datastore.py): 32 KiB blocks, each chunk with a 7
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -38,10 +39,17 @@ def read_records(path: str | Path):
             pending = b""
 
 
-def history_keys(run_dir: str | Path) -> set[str]:
-    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
-    keys = set()
-    for record in read_records(wandb_file):
-        if record.WhichOneof("record_type") == "history":
-            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
-    return keys
+def history_keys(run_dir: str | Path, expect: str | None = None, timeout_s: float = 30) -> set[str]:
+    """The keys logged to the run's history. With `expect`, read again until that key is there
+    or `timeout_s` passed: wandb's service process may still be writing the file on a busy
+    machine when run.finish() has returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+        keys = set()
+        for record in read_records(wandb_file):
+            if record.WhichOneof("record_type") == "history":
+                keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        if expect is None or expect in keys or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.5)
