@@ -18,7 +18,7 @@ from t2ilab.metrics import (
     mean_pairwise_cosine_within,
 )
 from t2ilab.metrics.embedders import IMAGENET_MEAN, IMAGENET_STD, _features
-from t2ilab.metrics.images import tensor_to_pil
+from t2ilab.metrics.images import tensor_to_pil, to_image_tensor
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +182,14 @@ def test_evaluate_dreambooth_end_to_end(dino, clip, red_squares, blue_noise):
         prior_images=prior,
         distance=lambda a, b: (a - b).abs().mean(dim=(1, 2, 3)),
     )
-    assert set(result.metrics) == {"dino", "clip_i", "clip_t", "pres", "div"}
+    assert set(result.metrics) == {"dino", "clip_i", "clip_t", "pres", "div", "prior_div"}
     assert [r.prompt for r in result.rows] == list(generations)
+    prior_t = to_image_tensor(prior)  # the class-prompt generations' own mean pairwise distance
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected_prior_div = sum(float((prior_t[i] - prior_t[j]).abs().mean()) for i, j in pairs) / len(
+        pairs
+    )
+    assert result.metrics["prior_div"] == pytest.approx(expected_prior_div, rel=1e-5)
 
     gen_all = torch.cat([generations["a sks dog in the snow"], red_squares(2, seed=2)])
     expected_dino = float(mean_pairwise_cosine(dino.embed_images(gen_all), dino.embed_images(real)))

@@ -33,7 +33,7 @@ METRIC_PREFIX = "metric."
 STATUSES = ("ok", "failed", "skipped")
 # Metric columns come in this order (t2ilab.metrics.METRIC_NAMES, repeated here so that the
 # aggregator does not import torch); any other metric follows, alphabetically.
-METRIC_ORDER = ("dino", "clip_i", "clip_t", "pres", "div", "fid", "kid")
+METRIC_ORDER = ("dino", "clip_i", "clip_t", "pres", "div", "prior_div", "fid", "kid")
 
 
 class UnreadableResults(UserWarning):

@@ -8,6 +8,7 @@
           subject; lower is better (the class prior did not collapse onto the subject).
 - div:    diversity, mean pairwise LPIPS distance between generations of one prompt, averaged
           over prompts; higher is better.
+- prior_div: the same diversity for the class-prompt generations; language drift lowers it.
 
 dino, clip_i and clip_t are pooled over all generated images, which equals the mean over prompts
 when every prompt has the same number of images (the protocol's setting).

@@ -31,7 +31,8 @@ def evaluate_dreambooth(
     """Score generations keyed by their prompt (identifier included) against the real subject.
 
     `pres` is added when `prior_images` (class-prompt generations) are given, `div` when a
-    `distance` (e.g. LpipsDistance) is given. CLIP-T compares each image with its prompt without
+    `distance` (e.g. LpipsDistance) is given, and `prior_div` (the diversity of the class-prompt
+    generations, which drops with language drift) when both are. CLIP-T compares each image with its prompt without
     the identifier (the rare token means nothing to CLIP) unless `clip_t_without_identifier` is off.
     """
     if not generations:
@@ -61,4 +62,7 @@ def evaluate_dreambooth(
     if distance is None:
         return result
     metrics = {**result.metrics, "div": div_score(list(generations.values()), distance)}
+    if prior_images is not None and num_images(prior_images) >= 2:
+        # Language drift shows as the class prompt's generations collapsing onto one look.
+        metrics["prior_div"] = div_score([prior_images], distance)
     return DreamBoothResult(metrics=metrics, rows=result.rows)
