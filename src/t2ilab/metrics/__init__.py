@@ -33,7 +33,7 @@ from t2ilab.metrics.similarity import (
 )
 
 # the metric names logged and configured elsewhere; keep them stable
-METRIC_NAMES = ("dino", "clip_i", "clip_t", "pres", "div", "fid", "kid")
+METRIC_NAMES = ("dino", "clip_i", "clip_t", "pres", "div", "prior_div", "fid", "kid")
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
