@@ -198,8 +198,17 @@ class _ImageEmbedder:
         return torch.cat(chunks)
 
 
+def image_embedding(model: nn.Module, pixel_values: Tensor) -> Tensor:
+    """One vector per image: a ViT's CLS token (DINO's choice), or a conv net's pooled output
+    (the toy DINO stand-in is a small ResNet)."""
+    output = model(pixel_values=pixel_values)
+    hidden = output.last_hidden_state
+    return hidden[:, 0] if hidden.dim() == 3 else output.pooler_output.flatten(1)
+
+
 class DinoEmbedder(_ImageEmbedder):
-    """DINO ViT image embeddings: the CLS token of the last hidden state."""
+    """DINO image embeddings: the CLS token of a ViT's last hidden state (or a conv net's
+    pooled output, see `image_embedding`)."""
 
     def __init__(
         self,
@@ -207,7 +216,7 @@ class DinoEmbedder(_ImageEmbedder):
         image_processor: Any | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        size = int(model.config.image_size)
+        size = int(getattr(model.config, "image_size", 224))  # conv nets take any size
         super().__init__(
             model, image_processor, _TorchPreprocess(size, IMAGENET_MEAN, IMAGENET_STD), device
         )
@@ -233,7 +242,7 @@ class DinoEmbedder(_ImageEmbedder):
         return cls(model, processor, device)
 
     def _forward_images(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        return image_embedding(self.model, pixel_values)
 
 
 class ClipEmbedder(_ImageEmbedder):

@@ -2,7 +2,9 @@
 
 Each is the field's own class, so the shipped folders load wherever the real ones do:
 `AutoencoderKL` (diffusers), `CLIPModel` (transformers; its text tower is a `CLIPTextModel`),
-and `ViTModel` standing in for DINO's ViT.
+and a `ResNetModel` standing in for DINO's ViT (a small ViT trained from scratch on a CPU barely
+learns shapes in an hour; a small CNN learns them in minutes, and the metric only needs one
+embedding per image).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusers import AutoencoderKL
-from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+from transformers import CLIPConfig, CLIPModel, ResNetConfig, ResNetModel
 
 
 def build_vae(
@@ -68,25 +70,24 @@ def build_clip(
 
 
 def build_dino(
-    hidden_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    intermediate_size: int,
-    resolution: int = 64,
-    patch_size: int = 8,
-) -> ViTModel:
-    """A small ViT; its pooler is kept (untrained, unused by the metric) so the folder is a
-    complete `ViTModel` and `AutoModel` loads it without missing weights."""
-    config = ViTConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        image_size=resolution,
-        patch_size=patch_size,
-        qkv_bias=True,
+    hidden_sizes: list[int],
+    depths: list[int],
+    embedding_size: int = 32,
+    layer_type: str = "basic",
+) -> ResNetModel:
+    """A small ResNet (stem: 7x7 stride-2 conv and a max-pool, then one stage per entry of
+    `hidden_sizes`, each after the first halving the side); the embedding is its pooled
+    output, `hidden_sizes[-1]` wide."""
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=embedding_size,
+        hidden_sizes=list(hidden_sizes),
+        depths=list(depths),
+        layer_type=layer_type,
+        hidden_act="relu",
+        downsample_in_first_stage=False,
     )
-    return ViTModel(config)
+    return ResNetModel(config)
 
 
 def parameter_count(model) -> int:

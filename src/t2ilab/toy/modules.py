@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from t2ilab.metrics.embedders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from t2ilab.metrics.embedders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_embedding,
+)
 from t2ilab.toy import quality
 from t2ilab.toy.data import (
     CaptionedRenders,
@@ -111,7 +117,11 @@ class ToyPretrainModule(L.LightningModule):
 
 class VaePretrain(ToyPretrainModule):
     """AutoencoderKL: L1 + MSE + an L1 on image gradients (crisp edges, no perceptual net) +
-    a small KL (its sum over latent elements per pixel, as in LDM's autoencoder loss)."""
+    a small KL (its sum over latent elements per pixel, as in LDM's autoencoder loss).
+
+    The posterior's log-variance starts at `logvar_init` instead of 0: with the KL this small
+    the latents' noise must shrink anyway, and Adam moves a bias only ~lr per step, so from 0
+    the decoder would spend hundreds of steps learning through unit-variance noise."""
 
     def __init__(
         self,
@@ -122,11 +132,14 @@ class VaePretrain(ToyPretrainModule):
         edge_weight: float = 0.5,
         extras_prob: float = 0.25,
         scale_images: int = 512,
+        logvar_init: float = -6.0,
         **optim,
     ):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.vae = build_vae(**vae, resolution=self.resolution)
+        with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels
+            self.vae.quant_conv.bias[self.vae.config.latent_channels :] = logvar_init
         self.kl_weight, self.l1_weight, self.mse_weight = kl_weight, l1_weight, mse_weight
         self.edge_weight, self.extras_prob, self.scale_images = (
             edge_weight,
@@ -196,6 +209,8 @@ class ClipPretrain(ToyPretrainModule):
         projection_dim: int,
         patch_size: int = 8,
         dense_prob: float = 0.5,
+        group_size: int = 2,
+        contrast: tuple[float, float] = (0.0, 0.0),
         max_logit_scale: float = 100.0,
         **optim,
     ):
@@ -205,7 +220,8 @@ class ClipPretrain(ToyPretrainModule):
         self.clip = build_clip(
             self.tokenizer, text, vision, projection_dim, self.resolution, patch_size
         )
-        self.dense_prob, self.max_log_scale = dense_prob, math.log(max_logit_scale)
+        self.dense_prob, self.group_size, self.contrast = dense_prob, group_size, tuple(contrast)
+        self.max_log_scale = math.log(max_logit_scale)
 
     collate = staticmethod(collate_captioned)
 
@@ -214,7 +230,9 @@ class ClipPretrain(ToyPretrainModule):
         return self.clip
 
     def train_dataset(self, size: int, seed: int) -> Dataset:
-        return CaptionedRenders(size, seed, self.resolution, self.dense_prob)
+        return CaptionedRenders(
+            size, seed, self.resolution, self.dense_prob, self.group_size, self.contrast
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         tokens = self.tokenizer(
@@ -260,35 +278,35 @@ class ClipPretrain(ToyPretrainModule):
 
 
 class DinoPretrain(ToyPretrainModule):
-    """ViTModel, self-supervised: NT-Xent (SimCLR) on the CLS token between two views of one
-    object (other background, size, position, pose). The CLS token itself is trained, since
-    the metric compares CLS tokens; objects that look the same are positives, not negatives."""
+    """A small ResNet, self-supervised: NT-Xent (SimCLR) on the pooled embedding between two
+    views of one object (other background, size, position, pose). The embedding itself is
+    trained (no projection head), since the metric compares it; objects that look the same are
+    positives, not negatives."""
 
     def __init__(
         self,
-        vit: dict,
-        patch_size: int = 8,
+        backbone: dict,
         temperature: float = 0.1,
         extras_prob: float = 0.25,
         **optim,
     ):
         super().__init__(**optim)
         self.save_hyperparameters()
-        self.vit = build_dino(**vit, resolution=self.resolution, patch_size=patch_size)
+        self.net = build_dino(**backbone)
         self.temperature, self.extras_prob = temperature, extras_prob
 
     collate = staticmethod(collate_views)
 
     @property
     def model(self):
-        return self.vit
+        return self.net
 
     def train_dataset(self, size: int, seed: int) -> Dataset:
         return ObjectViews(size, seed, self.resolution, self.extras_prob)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         pixels = normalise(images, IMAGENET_MEAN, IMAGENET_STD)
-        return F.normalize(self.vit(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
+        return F.normalize(image_embedding(self.net, pixels), dim=-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         views = batch["views"]  # [B, 2, 3, H, W]
@@ -303,11 +321,11 @@ class DinoPretrain(ToyPretrainModule):
         return loss
 
     def export(self, folder: Path) -> None:
-        """The ViTModel + a ViTImageProcessor with the ImageNet normalisation it trained with
-        (`DinoEmbedder` uses the same one when the processor is absent)."""
+        """The ResNetModel + a ViTImageProcessor (a plain resize and the ImageNet normalisation
+        it trained with; `DinoEmbedder` uses the same one when the processor is absent)."""
         from transformers import ViTImageProcessor
 
-        self.vit.eval().save_pretrained(folder, safe_serialization=True)
+        self.net.eval().save_pretrained(folder, safe_serialization=True)
         side = self.resolution
         ViTImageProcessor(
             size={"height": side, "width": side},

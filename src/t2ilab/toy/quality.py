@@ -120,8 +120,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def clip_quality(
     embedder, seed: int = EVAL_SEED, n: int = 256, batch: int = 32
 ) -> dict[str, float]:
-    """Zero-shot shape accuracy ('a star' prompts, chance 1/8), colour accuracy (ensembled
-    'a red <shape>' prompts, chance 1/11), and retrieval top-1 among `batch` images and their
+    """Zero-shot shape accuracy ('a star' prompts, chance 1/8); shape accuracy in context (the
+    image's own dense caption with each shape in turn, chance 1/8); colour accuracy (ensembled
+    'a red <shape>' prompts, chance 1/11); retrieval top-1 among `batch` images and their
     dense captions, both ways (chance 1/`batch`)."""
     scenes = [scene_at(seed, i) for i in range(n)]
     images = _unit(embedder.embed_images(to_unit(render_batch(scenes))))
@@ -132,6 +133,11 @@ def clip_quality(
     shape_true = torch.tensor([SHAPES.index(s.shape) for s in scenes])
     color_true = torch.tensor([list(COLORS).index(s.color) for s in scenes])
     texts = _unit(embedder.embed_texts([dense_caption(s) for s in scenes]))
+    swapped = [
+        dense_caption(dataclasses.replace(s, shape=shape)) for s in scenes for shape in SHAPES
+    ]
+    swapped = _unit(embedder.embed_texts(swapped)).view(n, len(SHAPES), -1)
+    in_context = torch.einsum("nd,nkd->nk", images, swapped).argmax(1)
     i2t, t2i = [], []
     for start in range(0, n - batch + 1, batch):
         sims = images[start : start + batch] @ texts[start : start + batch].T
@@ -140,6 +146,7 @@ def clip_quality(
         t2i.append((sims.argmax(0) == target).float().mean())
     return {
         "shape_acc": float(((images @ shapes.T).argmax(1) == shape_true).float().mean()),
+        "shape_in_caption_acc": float((in_context == shape_true).float().mean()),
         "color_acc": float(((images @ colors.T).argmax(1) == color_true).float().mean()),
         "retrieval_i2t_top1": float(torch.stack(i2t).mean()),
         "retrieval_t2i_top1": float(torch.stack(t2i).mean()),
