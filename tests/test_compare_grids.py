@@ -1,0 +1,47 @@
+"""compare_grids: each run's last sample grid side by side, labelled by the varying factors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2ilab.analysis.compare_grids import LABEL_HEIGHT, compare_grids, main
+from t2ilab.errors import UserError
+
+
+def _run(folder, factors, colours, size=(40, 30)):
+    (folder / "samples").mkdir(parents=True)
+    result = {"experiment": "x", "status": "ok", "reason": None, "factors": factors,
+              "metrics": {"dino": 0.5}, "steps": 2, "wall_time_s": 1.0}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(result))
+    for step, colour in colours.items():  # only the last grid of a run is shown
+        Image.new("RGB", size, colour).save(folder / "samples" / f"step_{step:06d}.png")
+
+
+def test_last_grids_side_by_side_in_run_order(tmp_path):
+    _run(tmp_path / "0", {"seed": 0, "method.prior": True}, {100: "red", 200: "blue"})
+    _run(tmp_path / "1", {"seed": 0, "method.prior": False}, {200: "green"})
+    _run(tmp_path / "2", {"seed": 1, "method.prior": True}, {200: "yellow"})
+    picture = np.asarray(compare_grids(tmp_path))
+    assert picture.shape == (30 + LABEL_HEIGHT, 3 * 40, 3)
+    body = picture[LABEL_HEIGHT:]
+    assert (body[:, :40] == (0, 0, 255)).all()  # run 0's step 200, not step 100
+    assert (body[:, 40:80] == (0, 128, 0)).all()
+    assert (body[:, 80:] == (255, 255, 0)).all()
+    only = np.asarray(compare_grids(tmp_path, {"seed": "1"}))
+    assert only.shape[1] == 40 and (only[LABEL_HEIGHT:] == (255, 255, 0)).all()
+    out = tmp_path / "grid.png"
+    assert main([str(tmp_path), "--out", str(out), "--where", "seed=0"]) == 0
+    assert Image.open(out).size == (80, 30 + LABEL_HEIGHT)
+
+
+def test_clear_errors(tmp_path):
+    _run(tmp_path / "0", {"seed": 0}, {10: "red"})
+    _run(tmp_path / "1", {"seed": 1}, {10: "red"}, size=(20, 20))
+    with pytest.raises(UserError, match="differ in size"):
+        compare_grids(tmp_path)
+    with pytest.raises(UserError, match="no factor lr"):
+        compare_grids(tmp_path, {"lr": "1"})
