@@ -3,6 +3,8 @@ pretrained parts loaded from folders, and export.dir that never replaces a user'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -13,6 +15,8 @@ from t2ilab.data.toy_world import ToyWorldDataModule, ToyWorldTextImages
 from t2ilab.errors import UserError
 from t2ilab.models.loading import load_sd_components, load_tokenizer, vae_scale_factor
 from t2ilab.toy.tokenizer import build_toy_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,32 @@ def test_caption_dropout_gives_empty_captions_at_its_rate(tokenizer):
     data = ToyWorldTextImages(tokenizer, 400, 0, 16, caption_dropout=0.25)
     empty = sum(_is(tokenizer, data[i]["input_ids"], "") for i in range(400))
     assert 70 <= empty <= 130  # binomial(400, 0.25): mean 100, sd 8.7
+
+
+def test_partial_captions_mix_dense_class_and_subsets_that_stay_true(tokenizer):
+    """caption=partial: a quarter dense, a quarter class-only, the rest a random subset of the
+    attributes in the dense caption's order; never an attribute the scene does not have."""
+    from t2ilab.toy.data import OPTIONAL_ATTRIBUTES, partial_caption
+
+    data = ToyWorldTextImages(tokenizer, 400, 1, 16, caption="partial")
+    kinds = {"dense": 0, "class": 0, "subset": 0}
+    for i in range(400):
+        scene = scene_at(1, i)
+        subsets = [
+            [a for a, keep in zip(OPTIONAL_ATTRIBUTES, bits, strict=True) if keep]
+            for bits in __import__("itertools").product([0, 1], repeat=len(OPTIONAL_ATTRIBUTES))
+        ]
+        ids = data[i]["input_ids"]
+        if _is(tokenizer, ids, dense_caption(scene)):
+            kinds["dense"] += 1
+        elif _is(tokenizer, ids, class_caption(scene)):
+            kinds["class"] += 1
+        else:
+            assert any(_is(tokenizer, ids, partial_caption(scene, s)) for s in subsets), i
+            kinds["subset"] += 1
+    # dense and class also arise as subsets (1/32 each of the half that draws one)
+    assert 70 <= kinds["dense"] <= 140 and 70 <= kinds["class"] <= 140, kinds
+    assert 150 <= kinds["subset"] <= 230, kinds
 
 
 def test_datamodule_batches_and_bad_settings(tokenizer):
@@ -114,3 +144,65 @@ def test_export_dir_is_written_and_never_replaced_unasked(tmp_path):
     assert refused.returncode == 2
     assert "export.dir=" in refused.stderr and "export.overwrite=true" in refused.stderr
     assert not (tmp_path / "again" / "checkpoints").exists()  # refused before training
+
+
+def test_ship_links_shared_parts_and_refuses_a_changed_copy(tmp_path):
+    """t2ilab.toy.ship: the export's VAE / text encoder / tokenizer copies become links to the
+    shipped folders beside it, only when they hold exactly the shipped weights, and the linked
+    folder still loads in stock diffusers with those weights."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file, save_file
+
+    from t2ilab.toy.ship import link_shared_parts
+
+    toy = ROOT / "models" / "toy"
+    for name in ("toy_vae", "toy_clip"):
+        shutil.copytree(toy / name, tmp_path / name)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "toy_sd_init.yaml"))
+    cfg["components"] = {
+        "vae": str(tmp_path / "toy_vae"),
+        "text_encoder": str(tmp_path / "toy_clip"),
+        "tokenizer": str(tmp_path / "toy_clip"),
+    }
+    cfg["tiny"]["unet"]["block_out_channels"] = [16, 32]
+    cfg["tiny"]["unet"]["norm_num_groups"] = 8
+    components = load_sd_components(cfg)
+    export = tmp_path / "toy_x"
+    pipe = components.pipeline(DDPMScheduler.from_config(components.scheduler_config))
+    pipe.save_pretrained(export)
+
+    changed = tmp_path / "changed"
+    shutil.copytree(export, changed)
+    weights = next((changed / "vae").glob("*.safetensors"))
+    state = load_file(weights)
+    first = next(iter(state))
+    state[first] = state[first] + 1
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="differs"):
+        link_shared_parts(changed)
+    assert not any((changed / sub).is_symlink() for sub in ("vae", "tokenizer"))
+
+    assert sorted(link_shared_parts(export)) == ["tokenizer", "vae"]
+    assert link_shared_parts(export) == []  # already linked
+    assert (export / "vae").resolve() == (tmp_path / "toy_vae").resolve()
+    assert str((export / "tokenizer").readlink()) == "../toy_clip"
+    assert not (export / "text_encoder").is_symlink()
+    loaded = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "toy_vae")
+    for (name, a), b in zip(
+        loaded.vae.state_dict().items(), vae.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    shipped_text = CLIPTextModel.from_pretrained(tmp_path / "toy_clip")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            loaded.text_encoder.state_dict().values(),
+            shipped_text.state_dict().values(),
+            strict=True,
+        )
+    )
+    assert loaded.tokenizer.get_vocab() == components.tokenizer.get_vocab()

@@ -18,13 +18,18 @@ from t2ilab.data.captioned import collate_captioned
 from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.toy import SHAPES, class_caption, dense_caption, image_to_tensor, render, scene_at
 from t2ilab.errors import UserError
+from t2ilab.toy.data import OPTIONAL_ATTRIBUTES, partial_caption
 
-CAPTION_KINDS = ("dense", "class", "mixed")
+CAPTION_KINDS = ("dense", "class", "mixed", "partial")
+# caption=partial: the share of dense and of class-only captions; the rest state a random subset
+# of the attributes, as people write prompts ("a star on a blue background").
+PARTIAL_DENSE, PARTIAL_CLASS = 0.25, 0.25
 
 
 class ToyWorldTextImages(Dataset):
-    """(render, tokenized caption) pairs; `caption` dense, class-only, or mixed (each example
-    dense or class with equal odds); "" with probability `caption_dropout` (for CFG)."""
+    """(render, tokenized caption) pairs; `caption` dense, class-only, mixed (each example
+    dense or class with equal odds) or partial (dense, class-only or a random subset of the
+    attributes); "" with probability `caption_dropout` (for CFG)."""
 
     def __init__(
         self,
@@ -52,6 +57,15 @@ class ToyWorldTextImages(Dataset):
         kind = self.caption
         if kind == "mixed":
             kind = "dense" if rng.random() < 0.5 else "class"
+        if kind == "partial":
+            u = rng.random()
+            if PARTIAL_DENSE <= u < PARTIAL_DENSE + PARTIAL_CLASS:
+                kind = "class"
+            elif u >= PARTIAL_DENSE:
+                stated = [a for a in OPTIONAL_ATTRIBUTES if rng.random() < 0.5]
+                return partial_caption(scene, stated)
+            else:
+                kind = "dense"
         return dense_caption(scene) if kind == "dense" else class_caption(scene)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -252,3 +252,73 @@ def dino_grid(embedder, seed: int = EVAL_SEED, n: int = 128, columns: int = 8) -
         tiles += [gallery[q]] + [gallery[int(j)] for j in sims.topk(columns - 1).indices]
     captions = [f"query, then its {columns - 1} nearest of {len(gallery) - 1}"] * len(queries)
     return make_grid(to_pil(render_batch(tiles)), rows=len(queries), captions=captions)
+
+
+# --- toy_sd --------------------------------------------------------------------------------------
+
+# Plain backgrounds whose colour a corner patch shows (checkered/gradient have no single colour).
+PLAIN_BACKGROUNDS = tuple(COLORS)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The named world colour nearest to an RGB triple (0-255)."""
+    names = list(COLORS)
+    table = np.array([COLORS[c] for c in names], dtype=np.float32)
+    return names[int(((table - rgb) ** 2).sum(1).argmin())]
+
+
+def read_colors(image: Image.Image) -> tuple[str, str]:
+    """(background colour, object colour) of a 64 px render-like image read from its pixels:
+    the median of the four 6x6 corners, and of the central 8x8 patch. Exact on renders of a
+    large centred object on a plain background; no model involved."""
+    array = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
+    corners = np.concatenate(
+        [array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]]
+    ).reshape(-1, 3)
+    centre = array[28:36, 28:36].reshape(-1, 3)
+    return nearest_color(np.median(corners, 0)), nearest_color(np.median(centre, 0))
+
+
+def color_prompts_for_sd(seed: int = EVAL_SEED, n: int = 32) -> list[tuple[str, str, str]]:
+    """`n` (prompt, background, object colour) triples: a large plain centred shape of one
+    colour on a plain background of another, in the dense captions' words (the shape of
+    triple i is `SHAPES[i % len(SHAPES)]`)."""
+    rng = np.random.default_rng([seed, 17])
+    names = list(COLORS)
+    out = []
+    for _ in range(n):
+        color, background = (names[int(i)] for i in rng.choice(len(names), 2, replace=False))
+        shape = SHAPES[len(out) % len(SHAPES)]
+        scene = Scene(shape=shape, color=color, background=background, size="large")
+        out.append((dense_caption(scene), background, color))
+    return out
+
+
+@torch.no_grad()
+def sd_quality(pipe, seed: int = EVAL_SEED, n: int = 32, steps: int = 25, guidance: float = 4.0):
+    """How well a toy pipeline follows a prompt's colours, read from the pixels of its images
+    (`read_colors`): background and object colour accuracy over `n` dense prompts (chance
+    1/11 each), checked first on the renders themselves (`render_*`, which must be 1.0)."""
+    triples = color_prompts_for_sd(seed, n)
+    prompts = [p for p, _, _ in triples]
+    shapes = [SHAPES[i % len(SHAPES)] for i in range(n)]
+    generator = torch.Generator().manual_seed(seed)
+    images = pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator
+    ).images
+    read = [read_colors(image) for image in images]
+    rendered = [
+        read_colors(to_pil(render_batch([Scene(shape, color, background, size="large")]))[0])
+        for shape, (_, background, color) in zip(shapes, triples, strict=True)
+    ]
+    truth = [(background, color) for _, background, color in triples]
+
+    def accuracy(found: list[tuple[str, str]], part: int) -> float:
+        return float(np.mean([f[part] == t[part] for f, t in zip(found, truth, strict=True)]))
+
+    return {
+        "background_acc": accuracy(read, 0),
+        "object_color_acc": accuracy(read, 1),
+        "render_background_acc": accuracy(rendered, 0),
+        "render_object_color_acc": accuracy(rendered, 1),
+    }

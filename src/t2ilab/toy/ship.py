@@ -1,0 +1,133 @@
+"""Ship a trained toy pipeline without a second copy of the parts it shares.
+
+`experiment=toy_pretrain_sd` exports a whole StableDiffusionPipeline folder, including copies of
+the frozen toy VAE and the toy CLIP tokenizer it was built over. In the repository those
+subfolders become relative links to models/toy/toy_vae and models/toy/toy_clip, after checking
+that the export's copy is exactly the shipped one, so the 30 MB budget pays for them once and
+the pipeline still loads with stock diffusers. The text encoder stays a copy: linked to the
+whole CLIPModel folder, `CLIPTextModel.from_pretrained` would print a table of the image
+tower's "unexpected" weights at every load (a test checks the copy equals toy_clip's tower). With --run, the
+training run's record goes in too, as for the other toy models: training.json (command, seed,
+steps, wall time, versions, and `quality.sd_quality` measured on the linked folder) and its
+last sample grid as samples.png:
+
+    python -m t2ilab.toy.ship models/toy/toy_sd --run logs/train/runs/<timestamp>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# export subfolder -> the shipped folder next to the export that it must equal
+SHARED = {"vae": "toy_vae"}
+TOKENIZER = ("tokenizer", "toy_clip")
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{folder}: expected one .safetensors file, found {len(files)}")
+    return load_file(files[0])
+
+
+def _same_weights(copy: Path, shipped: Path) -> bool:
+    own, source = _weights(copy), _weights(shipped)
+    return own.keys() == source.keys() and all(torch.equal(v, source[k]) for k, v in own.items())
+
+
+def _same_tokenizer(copy: Path, shipped: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(copy), AutoTokenizer.from_pretrained(shipped)
+    return a.get_vocab() == b.get_vocab() and a.model_max_length == b.model_max_length
+
+
+def _link(subfolder: Path, target_name: str) -> None:
+    shutil.rmtree(subfolder)
+    os.symlink(Path("..") / target_name, subfolder, target_is_directory=True)
+
+
+def link_shared_parts(export: str | Path) -> list[str]:
+    """Replace the export's copies of shipped toy parts with links; returns what was linked.
+    Refuses (ValueError, nothing changed) when a copy differs from the shipped part."""
+    export = Path(export)
+    plan = []
+    for sub, name in SHARED.items():
+        copy, shipped = export / sub, export.parent / name
+        if copy.is_symlink():
+            continue
+        if not _same_weights(copy, shipped):
+            raise ValueError(f"{copy} differs from {shipped}: the part was trained, not shared")
+        plan.append((copy, name))
+    sub, name = TOKENIZER
+    copy = export / sub
+    if not copy.is_symlink():
+        if not _same_tokenizer(copy, export.parent / name):
+            raise ValueError(f"{copy} differs from the shipped tokenizer in {name}")
+        plan.append((copy, name))
+    for copy, name in plan:
+        _link(copy, name)
+    return [copy.name for copy, _ in plan]
+
+
+def record_run(export: Path, run: Path) -> dict:
+    """training.json + samples.png in `export`, from the run folder that trained it."""
+    import diffusers
+    import lightning
+    import transformers
+    import yaml
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from t2ilab.toy import quality
+
+    results = json.loads((run / "results.json").read_text())
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    grids = sorted((run / "samples").glob("step_*.png"))
+    if grids:
+        shutil.copyfile(grids[-1], export / "samples.png")
+    pipe = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    summary = {
+        "component": export.name,
+        "command": "python train.py " + " ".join(overrides),
+        "seed": config.get("seed"),
+        "eval_seed": quality.EVAL_SEED,
+        "steps": results["steps"],
+        "train_wall_time_s": results["wall_time_s"],
+        "parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe).items()},
+        "sample_grid": grids[-1].name if grids else None,
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    (export / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", type=Path, help="an exported pipeline folder in models/toy/")
+    parser.add_argument("--run", type=Path, help="the run folder that trained it (its record)")
+    args = parser.parse_args(argv)
+    linked = link_shared_parts(args.export)
+    print(f"{args.export}: linked {', '.join(linked) or 'nothing (already linked)'}")
+    if args.run:
+        summary = record_run(args.export, args.run)
+        print(f"{args.export}/training.json: {summary['metrics']}")
+
+
+if __name__ == "__main__":
+    main()
