@@ -56,7 +56,7 @@ CASES = {
     "prior without class": (lambda t: ["data.class_noun=null"], "set data.class_noun=NOUN"),
     "resolution not divisible": (
         lambda t: ["data.resolution=63"],
-        "not a multiple of the VAE factor 2.*use 62 or 64",
+        "not a multiple of the VAE factor 4.*use 60 or 64",
     ),
     "pretrained not diffusers": (
         lambda t: [

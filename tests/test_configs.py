@@ -40,7 +40,7 @@ def test_experiment_composes_and_instantiates(experiment, make_cfg):
     )
     assert isinstance(module, DiffusionModule)
     optimizer = module.configure_optimizers()["optimizer"]
-    assert optimizer.param_groups[0]["lr"] == cfg.method.lr
+    assert optimizer.param_groups[0]["initial_lr"] == cfg.method.lr  # before any warmup
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     datamodule.check()  # the bundled example data passes the checks
@@ -107,11 +107,14 @@ def test_cfg_job_prints_the_composed_config():
     assert proc.returncode == 0
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.noise.zero_terminal_snr is True
-    assert cfg.model.name == "tiny_sd" and cfg.trainer.max_steps > 0
+    assert cfg.model.name == "toy_sd" and cfg.trainer.max_steps > 0
 
 
 def test_the_30_dreambooth_subjects(make_cfg):
-    subjects = sorted(p.stem for p in (CONF / "subject").glob("*.yaml"))
+    every = sorted(p.stem for p in (CONF / "subject").glob("*.yaml"))
+    toy = [s for s in every if s.startswith("toy_")]  # the toy world's three bundled subjects
+    assert toy == ["toy_candy_heart", "toy_spotted_hexagon", "toy_striped_star"]
+    subjects = [s for s in every if s not in toy]
     assert len(subjects) == 30
     dog = make_cfg("experiment=dreambooth", "subject=dog5")
     assert dog.data.class_noun == "dog" and dog.eval.subject_type == "live"

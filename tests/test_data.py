@@ -101,7 +101,8 @@ def test_prompts_from_template_and_rare_token(tmp_path):
         class_prompt=None,
         with_prior_preservation=True,
     )
-    assert (p.instance_prompt, p.class_prompt) == ("a photo of sks dog", "a photo of dog")
+    # the class prompt defaults to the paper's "a [class noun]", whatever the template
+    assert (p.instance_prompt, p.class_prompt) == ("a photo of sks dog", "a dog")
     tokenizer = build_clip_tokenizer(tmp_path / "tok")
     kwargs = dict(
         identifier=None,

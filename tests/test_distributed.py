@@ -192,6 +192,7 @@ def test_a_rank_waiting_for_a_missing_share_fails_clearly(tmp_path):
 # clipping, no shuffling: rank r trains on subject image r, a single process on images 0 and 1.
 DDP_ARGS = [
     "experiment=dreambooth_sigmoid",
+    "model=tiny_sd",  # compared with the tiny base built from its config below
     "trainer.max_steps=1",
     "method.prior_preservation=false",
     "data.shuffle=false",

@@ -15,6 +15,7 @@ from t2ilab.models.loading import load_sd_components
 DECAY = 0.2  # diffusers' schedule: 0 at the first update, then min(DECAY, (1 + n) / (10 + n))
 ARGS = [
     "experiment=dreambooth_sigmoid",
+    "model=tiny_sd",  # compared with the tiny base built from its config below
     *FAST,
     "eval=none",
     "callbacks.samples.at_end=false",

@@ -23,6 +23,7 @@ from t2ilab.models.export import METADATA_FILE, load_export
 from t2ilab.models.loading import load_components
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.runner import run_task
+from t2ilab.validation import check_eval_matches_model
 
 log = logging.getLogger("t2ilab.evaluate")
 
@@ -91,6 +92,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     export = resolve_export(cfg)
     if export is not None:
         apply_export_metadata(cfg, export)
+    else:  # the base model: its name says which world it is from
+        check_eval_matches_model(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     identifier = cfg.data.identifier
     if not identifier:

@@ -28,7 +28,7 @@ from t2ilab.models.export import export_pipeline
 from t2ilab.models.loading import load_components, load_sd_components, load_tokenizer
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.runner import experiment_name, run_task
-from t2ilab.validation import check_resolution
+from t2ilab.validation import check_eval_matches_model, check_resolution
 
 log = logging.getLogger("t2ilab.train")
 
@@ -202,6 +202,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
+    check_eval_matches_model(cfg)
     check_model_inputs(cfg, datamodule)
     check_ema(cfg)
     check_export_dir(cfg)

@@ -17,3 +17,18 @@ def check_resolution(cfg: DictConfig) -> None:
             f"data.resolution={resolution} is not a multiple of the VAE factor {factor} of model "
             f"{cfg.model.name}: use {lower} or {lower + factor}"
         )
+
+
+def check_eval_matches_model(cfg: DictConfig) -> None:
+    """The toy evaluators have only seen the toy world: their numbers on a real model's images
+    would look like metrics and mean nothing."""
+    evaluation = cfg.get("eval") or {}
+    if not evaluation.get("enabled", False) or not evaluation.get("toy_world", False):
+        return
+    if evaluation.get("evaluators") == "tiny_random":  # scale/tiny_sd: pipeline checks only
+        return
+    if not str(cfg.model.name).startswith("toy"):
+        raise UserError(
+            f"eval=toy scores with the toy world's CLIP and DINO, which cannot judge model "
+            f"{cfg.model.name}: add eval=dreambooth (the paper's DINO and CLIP)"
+        )

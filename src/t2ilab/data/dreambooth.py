@@ -57,7 +57,7 @@ def resolve_prompts(
         if "{identifier}" not in instance_prompt_template:
             raise UserError(
                 f"data.instance_prompt_template={instance_prompt_template!r} has no {{identifier}}: "
-                "add it, e.g. 'a photo of {identifier} {class_noun}'"
+                "add it, e.g. 'a {identifier} {class_noun}'"
             )
         if "{class_noun}" in instance_prompt_template and not class_noun:
             raise UserError(
@@ -72,7 +72,7 @@ def resolve_prompts(
     except ValueError as err:
         raise UserError(str(err)) from None
     if with_prior_preservation and class_prompt is None:
-        class_prompt = f"a photo of {class_noun}"
+        class_prompt = f"a {class_noun}"
     return DreamBoothPrompts(identifier, class_noun, instance_prompt, class_prompt)
 
 
@@ -159,7 +159,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         identifier: str | None = "sks",
         class_noun: str | None = None,
         instance_prompt: str | None = None,
-        instance_prompt_template: str = "a photo of {identifier} {class_noun}",
+        instance_prompt_template: str = "a {identifier} {class_noun}",
         class_prompt: str | None = None,
         identifier_id_range: tuple[int, int] = (40000, 49406),
         with_prior_preservation: bool = True,
