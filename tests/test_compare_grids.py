@@ -45,3 +45,12 @@ def test_clear_errors(tmp_path):
         compare_grids(tmp_path)
     with pytest.raises(UserError, match="no factor lr"):
         compare_grids(tmp_path, {"lr": "1"})
+
+
+def test_a_factor_one_run_did_not_set_still_labels_both(tmp_path):
+    _run(tmp_path / "0", {"seed": 0, "method.prior": False}, {10: "red"})
+    _run(tmp_path / "1", {"seed": 0}, {10: "blue"})
+    from t2ilab.analysis.collect import load_results
+    from t2ilab.analysis.compare_grids import varying_factors
+
+    assert varying_factors(load_results(tmp_path)) == ["factor.method.prior"]

@@ -22,9 +22,10 @@ LABEL_HEIGHT = 28
 
 
 def varying_factors(table) -> list[str]:
-    """Factor columns with more than one value among the runs."""
+    """Factor columns with more than one value among the runs (a run that did not set a
+    factor counts as one more value, "-")."""
     columns = [c for c in table.columns if c.startswith(FACTOR_PREFIX)]
-    return [c for c in columns if table[c].astype(str).nunique() > 1]
+    return [c for c in columns if table[c].fillna("-").astype(str).nunique() > 1]
 
 
 def compare_grids(sweep: Path, where: dict[str, str] | None = None) -> Image.Image:
