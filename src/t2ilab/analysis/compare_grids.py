@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image, ImageDraw
 
 from t2ilab.analysis.collect import FACTOR_PREFIX, load_results
@@ -41,7 +42,9 @@ def compare_grids(sweep: Path, where: dict[str, str] | None = None) -> Image.Ima
         grids = sorted((sweep / row["run_dir"] / "samples").glob("step_*.png"))
         if not grids:
             continue
-        label = ", ".join(f"{c[len(FACTOR_PREFIX) :].split('.')[-1]}={row[c]}" for c in factors)
+        names = [c[len(FACTOR_PREFIX) :].split(".")[-1] for c in factors]
+        values = ["-" if pd.isna(row[c]) else row[c] for c in factors]
+        label = ", ".join(f"{n}={v}" for n, v in zip(names, values, strict=True))
         panels.append((label, Image.open(grids[-1]).convert("RGB")))
     if not panels:
         raise UserError(f"{sweep}: no run has a samples/step_*.png grid (callbacks.samples)")
