@@ -1,0 +1,72 @@
+"""The methods work, not only run: the quickstart's DreamBooth (toy_sd, the bundled striped
+star, 800 steps at lr 1e-4) with and without prior preservation, scored by the shipped toy
+evaluators against the base model on the same prompts and seeds. About 3 minutes: `slow`.
+
+Every comparison is between runs of this machine, so no absolute value is assumed; the margins
+are well inside what experiments/dreambooth_prior/README.md measured for seed 0. (That table
+also shows the spread: at this budget one of two seeds barely learns the subject with the prior
+loss on, so this is a check that the method works, not a claim about every seed.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _support import run_train
+
+pytestmark = pytest.mark.slow
+
+# DreamBooth (Ruiz et al.: the model's own schedule) with the quickstart's budget; two eval
+# prompts with 8 images each (and 8 of the class prompt for PRES and prior_div).
+SHORT = [
+    "experiment=dreambooth",
+    "logger=csv",
+    "seed=0",
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.at_end=false",
+    "export.enabled=false",
+    "eval.images_per_prompt=8",
+    "eval.prompts=['a {identifier} {class_noun}','a {identifier} {class_noun} on a blue background']",
+]
+
+
+def _metrics(run_dir) -> dict[str, float]:
+    return json.loads((run_dir / "results.json").read_text())["metrics"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The base model (evaluate.py), and DreamBooth with and without prior preservation."""
+    root = tmp_path_factory.mktemp("toy_learning")
+    eval_args = [a for a in SHORT if a.startswith("eval.")] + ["logger=csv"]
+    jobs = {
+        "base": (eval_args, "evaluate.py"),
+        "prior": ([*SHORT, "method.prior_preservation=true"], "train.py"),
+        "no_prior": ([*SHORT, "method.prior_preservation=false"], "train.py"),
+    }
+    out = {}
+    for name, (args, script) in jobs.items():
+        proc = run_train(args, root / name, timeout=600, script=script)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        out[name] = _metrics(root / name)
+    return out
+
+
+def test_dreambooth_moves_generations_toward_the_subject(runs):
+    """Subject fidelity: DINO and CLIP-I of "a sks star ..." generations rise above the base
+    model's (which has never seen the subject) with either setting."""
+    base = runs["base"]
+    for name in ("prior", "no_prior"):
+        tuned = runs[name]
+        assert tuned["dino"] > base["dino"] + 0.1, (name, tuned, base)
+        assert tuned["clip_i"] > base["clip_i"] + 0.03, (name, tuned, base)
+
+
+def test_prior_preservation_keeps_the_class_prior(runs):
+    """Language drift: fine-tuning narrows what "a star" generates (prior_div, the diversity
+    of the class prompt's images, falls below the base model's), and the prior loss holds
+    more of it. (PRES, the class images' likeness to the subject, did not move consistently
+    between seeds in the reproduction, so it is not asserted.)"""
+    base, prior, no_prior = runs["base"], runs["prior"], runs["no_prior"]
+    assert no_prior["prior_div"] < base["prior_div"], (no_prior, base)
+    assert prior["prior_div"] > no_prior["prior_div"], (prior, no_prior)
