@@ -36,6 +36,7 @@ def _diffusers_less_folder(tmp_path):
 
 
 CASES = {
+    "toy evaluators on a real model": (lambda t: ["model=sd15"], "add eval=dreambooth"),
     "missing instance folder": (lambda t: [f"data.instance_dir={t / 'nope'}"], "does not exist"),
     "empty instance folder": (
         lambda t: [f"data.instance_dir={_folder_with(t, 'empty')}"],
@@ -61,13 +62,14 @@ CASES = {
     "pretrained not diffusers": (
         lambda t: [
             "model=sd15",
+            "eval=dreambooth",
             f"model.pretrained={_diffusers_less_folder(t)}",
             "data.resolution=64",
         ],
         "is not a diffusers folder",
     ),
     "hub id unreachable": (
-        lambda t: ["model=sd15", "model.pretrained=nobody/no-such-model"],
+        lambda t: ["model=sd15", "eval=dreambooth", "model.pretrained=nobody/no-such-model"],
         "could not be fetched from the Hugging Face hub.*--local-dir DIR",
     ),
     "missing checkpoint": (lambda t: [f"ckpt_path={t / 'x.ckpt'}"], "no checkpoint at"),

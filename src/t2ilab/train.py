@@ -199,10 +199,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.check_method(cfg.method)
+    check_eval_matches_model(cfg)  # config only: before anything reads a model
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
-    check_eval_matches_model(cfg)
     check_model_inputs(cfg, datamodule)
     check_ema(cfg)
     check_export_dir(cfg)

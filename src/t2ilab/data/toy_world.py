@@ -59,13 +59,13 @@ class ToyWorldTextImages(Dataset):
             kind = "dense" if rng.random() < 0.5 else "class"
         if kind == "partial":
             u = rng.random()
-            if PARTIAL_DENSE <= u < PARTIAL_DENSE + PARTIAL_CLASS:
+            if u < PARTIAL_DENSE:
+                kind = "dense"
+            elif u < PARTIAL_DENSE + PARTIAL_CLASS:
                 kind = "class"
-            elif u >= PARTIAL_DENSE:
+            else:
                 stated = [a for a in OPTIONAL_ATTRIBUTES if rng.random() < 0.5]
                 return partial_caption(scene, stated)
-            else:
-                kind = "dense"
         return dense_caption(scene) if kind == "dense" else class_caption(scene)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
