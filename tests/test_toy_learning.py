@@ -4,8 +4,8 @@ evaluators against the base model on the same prompts and seeds. About 3 minutes
 
 Every comparison is between runs of this machine, so no absolute value is assumed; the margins
 are well inside what experiments/dreambooth_prior/README.md measured for seed 0. (That table
-also shows the spread: at this budget one of two seeds barely learns the subject with the prior
-loss on, so this is a check that the method works, not a claim about every seed.)"""
+also shows the spread: at this budget one of four seeds barely learns the subject with the
+prior loss on, so this is a check that the method works, not a claim about every seed.)"""
 
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def test_dreambooth_moves_generations_toward_the_subject(runs):
 def test_prior_preservation_keeps_the_class_prior(runs):
     """Language drift: fine-tuning narrows what "a star" generates (prior_div, the diversity
     of the class prompt's images, falls below the base model's), and the prior loss holds
-    more of it. (PRES, the class images' likeness to the subject, did not move consistently
-    between seeds in the reproduction, so it is not asserted.)"""
+    more of it (so in all four seeds of the reproduction). PRES, the class images' likeness to
+    the subject, fell in three of four seeds there, so it is not asserted."""
     base, prior, no_prior = runs["base"], runs["prior"], runs["no_prior"]
     assert no_prior["prior_div"] < base["prior_div"], (no_prior, base)
     assert prior["prior_div"] > no_prior["prior_div"], (prior, no_prior)
