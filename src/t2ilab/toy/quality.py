@@ -256,9 +256,6 @@ def dino_grid(embedder, seed: int = EVAL_SEED, n: int = 128, columns: int = 8) -
 
 # --- toy_sd --------------------------------------------------------------------------------------
 
-# Plain backgrounds whose colour a corner patch shows (checkered/gradient have no single colour).
-PLAIN_BACKGROUNDS = tuple(COLORS)
-
 
 def nearest_color(rgb: np.ndarray) -> str:
     """The named world colour nearest to an RGB triple (0-255)."""
@@ -279,19 +276,17 @@ def read_colors(image: Image.Image) -> tuple[str, str]:
     return nearest_color(np.median(corners, 0)), nearest_color(np.median(centre, 0))
 
 
-def color_prompts_for_sd(seed: int = EVAL_SEED, n: int = 32) -> list[tuple[str, str, str]]:
-    """`n` (prompt, background, object colour) triples: a large plain centred shape of one
-    colour on a plain background of another, in the dense captions' words (the shape of
-    triple i is `SHAPES[i % len(SHAPES)]`)."""
+def sd_color_scenes(seed: int = EVAL_SEED, n: int = 32) -> list[Scene]:
+    """`n` scenes of a large plain centred shape of one colour on a plain background of
+    another (shape i is `SHAPES[i % len(SHAPES)]`); their dense captions are the prompts."""
     rng = np.random.default_rng([seed, 17])
     names = list(COLORS)
-    out = []
-    for _ in range(n):
-        color, background = (names[int(i)] for i in rng.choice(len(names), 2, replace=False))
-        shape = SHAPES[len(out) % len(SHAPES)]
-        scene = Scene(shape=shape, color=color, background=background, size="large")
-        out.append((dense_caption(scene), background, color))
-    return out
+    scenes = []
+    for i in range(n):
+        color, background = (names[int(k)] for k in rng.choice(len(names), 2, replace=False))
+        shape = SHAPES[i % len(SHAPES)]
+        scenes.append(Scene(shape=shape, color=color, background=background, size="large"))
+    return scenes
 
 
 @torch.no_grad()
@@ -299,19 +294,17 @@ def sd_quality(pipe, seed: int = EVAL_SEED, n: int = 32, steps: int = 25, guidan
     """How well a toy pipeline follows a prompt's colours, read from the pixels of its images
     (`read_colors`): background and object colour accuracy over `n` dense prompts (chance
     1/11 each), checked first on the renders themselves (`render_*`, which must be 1.0)."""
-    triples = color_prompts_for_sd(seed, n)
-    prompts = [p for p, _, _ in triples]
-    shapes = [SHAPES[i % len(SHAPES)] for i in range(n)]
+    scenes = sd_color_scenes(seed, n)
     generator = torch.Generator().manual_seed(seed)
     images = pipe(
-        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator
+        [dense_caption(s) for s in scenes],
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
     ).images
+    truth = [(s.background, s.color) for s in scenes]
     read = [read_colors(image) for image in images]
-    rendered = [
-        read_colors(to_pil(render_batch([Scene(shape, color, background, size="large")]))[0])
-        for shape, (_, background, color) in zip(shapes, triples, strict=True)
-    ]
-    truth = [(background, color) for _, background, color in triples]
+    rendered = [read_colors(image) for image in to_pil(render_batch(scenes))]
 
     def accuracy(found: list[tuple[str, str]], part: int) -> float:
         return float(np.mean([f[part] == t[part] for f, t in zip(found, truth, strict=True)]))

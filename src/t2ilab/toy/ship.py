@@ -6,10 +6,11 @@ subfolders become relative links to models/toy/toy_vae and models/toy/toy_clip, 
 that the export's copy is exactly the shipped one, so the 30 MB budget pays for them once and
 the pipeline still loads with stock diffusers. The text encoder stays a copy: linked to the
 whole CLIPModel folder, `CLIPTextModel.from_pretrained` would print a table of the image
-tower's "unexpected" weights at every load (a test checks the copy equals toy_clip's tower). With --run, the
-training run's record goes in too, as for the other toy models: training.json (command, seed,
-steps, wall time, versions, and `quality.sd_quality` measured on the linked folder) and its
-last sample grid as samples.png:
+tower's "unexpected" weights at every load (a test checks the copy equals toy_clip's tower).
+
+With --run, the training run's record goes in too, as for the other toy models: training.json
+(command, seed, steps, wall time, versions, and `quality.sd_quality` measured on the linked
+folder) and its last sample grid as samples.png:
 
     python -m t2ilab.toy.ship models/toy/toy_sd --run logs/train/runs/<timestamp>
 """
@@ -24,10 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
-# export subfolder -> the shipped folder next to the export that it must equal
-SHARED = {"vae": "toy_vae"}
-TOKENIZER = ("tokenizer", "toy_clip")
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -54,23 +51,21 @@ def _link(subfolder: Path, target_name: str) -> None:
     os.symlink(Path("..") / target_name, subfolder, target_is_directory=True)
 
 
+# export subfolder, the shipped folder beside the export it must equal, and how to compare
+SHARED = (("vae", "toy_vae", _same_weights), ("tokenizer", "toy_clip", _same_tokenizer))
+
+
 def link_shared_parts(export: str | Path) -> list[str]:
     """Replace the export's copies of shipped toy parts with links; returns what was linked.
     Refuses (ValueError, nothing changed) when a copy differs from the shipped part."""
     export = Path(export)
     plan = []
-    for sub, name in SHARED.items():
+    for sub, name, same in SHARED:
         copy, shipped = export / sub, export.parent / name
         if copy.is_symlink():
             continue
-        if not _same_weights(copy, shipped):
+        if not same(copy, shipped):
             raise ValueError(f"{copy} differs from {shipped}: the part was trained, not shared")
-        plan.append((copy, name))
-    sub, name = TOKENIZER
-    copy = export / sub
-    if not copy.is_symlink():
-        if not _same_tokenizer(copy, export.parent / name):
-            raise ValueError(f"{copy} differs from the shipped tokenizer in {name}")
         plan.append((copy, name))
     for copy, name in plan:
         _link(copy, name)
@@ -79,20 +74,19 @@ def link_shared_parts(export: str | Path) -> list[str]:
 
 def record_run(export: Path, run: Path) -> dict:
     """training.json + samples.png in `export`, from the run folder that trained it."""
-    import diffusers
-    import lightning
-    import transformers
     import yaml
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from t2ilab.toy import quality
+    from t2ilab.toy.pretrain import GRID_NAME, versions
+    from t2ilab.utils.atomic import write_json_atomic
 
     results = json.loads((run / "results.json").read_text())
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     grids = sorted((run / "samples").glob("step_*.png"))
     if grids:
-        shutil.copyfile(grids[-1], export / "samples.png")
+        shutil.copyfile(grids[-1], export / GRID_NAME)
     pipe = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -106,14 +100,9 @@ def record_run(export: Path, run: Path) -> dict:
         "parameters": sum(p.numel() for p in pipe.unet.parameters()),
         "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe).items()},
         "sample_grid": grids[-1].name if grids else None,
-        "versions": {
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": versions(),
     }
-    (export / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(export / "training.json", summary)
     return summary
 
 
