@@ -3,6 +3,7 @@ pretrained parts loaded from folders, and export.dir that never replaces a user'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,15 @@ def test_ship_links_shared_parts_and_refuses_a_changed_copy(tmp_path):
     with pytest.raises(ValueError, match="differs"):
         link_shared_parts(changed)
     assert not any((changed / sub).is_symlink() for sub in ("vae", "tokenizer"))
+    retokenized = tmp_path / "retokenized"  # the VAE is the shipped one, the tokenizer not
+    shutil.copytree(export, retokenized)
+    config_file = retokenized / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = 77
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        link_shared_parts(retokenized)
+    assert not (retokenized / "vae").is_symlink()  # nothing changed, the good part included
 
     assert sorted(link_shared_parts(export)) == ["tokenizer", "vae"]
     assert link_shared_parts(export) == []  # already linked
