@@ -3,13 +3,26 @@
 #   bash sweeps/pixart_stages.sh [OUT_DIR] [extra overrides for every stage...]
 # GPU, real scale (after `python -m t2ilab.data.captioning DENSE_DIR` for stage-2 captions):
 #   bash sweeps/pixart_stages.sh runs/pixart model=... trainer=gpu
+# The toy PixArt (models/toy/toy_pixart; experiments/toy_world/README.md) on the toy world:
+#   STAGES=toy_pixart_stage bash sweeps/pixart_stages.sh runs/toy_pixart
 # Stage 1 (class-conditional DiT) -> stage 2 (PixArt, reparameterised from the DiT; dense
-# captions) -> stage 3 (higher resolution). Each stage is an ordinary run dir with results.json.
+# captions) -> stage 3 (higher resolution). Each stage is an ordinary run dir with results.json;
+# a stage whose results.json says "ok" is not run again, so a stopped sequence picks up there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stages=${STAGES:-pixart_stage}
 out=${1:-logs/pixart_stages/$(date +%Y-%m-%d_%H-%M-%S)}
 shift || true
-python train.py experiment=pixart_stage1 hydra.run.dir="$out/stage1" "$@"
-python train.py experiment=pixart_stage2 model.init_from="$out/stage1" hydra.run.dir="$out/stage2" "$@"
-python train.py experiment=pixart_stage3 model.init_from="$out/stage2" hydra.run.dir="$out/stage3" "$@"
+done_ok() { grep -qs '"status": "ok"' "$1/results.json"; }
+previous=""
+for n in 1 2 3; do
+  dir="$out/stage$n"
+  if done_ok "$dir"; then
+    echo "stage $n already done: $dir"
+  else
+    python train.py experiment="${stages}$n" ${previous:+model.init_from="$previous"} \
+      hydra.run.dir="$dir" "$@"
+  fi
+  previous="$dir"
+done
 echo "stages done: $out/stage{1,2,3} (final export: $out/stage3/export)"

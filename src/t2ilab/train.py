@@ -28,7 +28,11 @@ from t2ilab.models.export import export_pipeline
 from t2ilab.models.loading import load_components, load_sd_components, load_tokenizer
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.runner import experiment_name, run_task
-from t2ilab.validation import check_eval_matches_model, check_resolution
+from t2ilab.validation import (
+    check_alignment_matches_model,
+    check_eval_matches_model,
+    check_resolution,
+)
 
 log = logging.getLogger("t2ilab.train")
 
@@ -171,9 +175,31 @@ def init_from_previous_stage(cfg: DictConfig, components) -> None:
         log.info("init: PixArt transformer reparameterised from the DiT in %s", source)
     else:
         components.transformer = PixArtTransformer2DModel.from_pretrained(
-            source, subfolder="transformer"
+            source, subfolder="transformer", **resolution_change(cfg, source, components.vae)
         )
         log.info("init: PixArt transformer from %s", source)
+
+
+def resolution_change(cfg: DictConfig, source: Path, vae) -> dict[str, Any]:
+    """Config overrides for a stage that trains at a new resolution (PixArt's stage 3): the new
+    latent size as sample_size, so the export renders at it by default, and interpolation_scale
+    scaled with it, so the position embeddings stay the ones the previous stage's model computes
+    at that size (PixArt-alpha 512 -> 1024: sample_size 64 -> 128, interpolation 1 -> 2)."""
+    import json
+
+    config = json.loads((source / "transformer" / "config.json").read_text())
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    new_size, old_size = int(cfg.model.resolution) // factor, int(config["sample_size"])
+    if new_size == old_size:
+        return {}
+    scale = config.get("interpolation_scale") or max(old_size // 64, 1)
+    log.info(
+        "init: sample_size %d -> %d latents (resolution %s)",
+        old_size,
+        new_size,
+        cfg.model.resolution,
+    )
+    return {"sample_size": new_size, "interpolation_scale": scale * new_size / old_size}
 
 
 def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
@@ -200,6 +226,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.check_method(cfg.method)
     check_eval_matches_model(cfg)  # config only: before anything reads a model
+    check_alignment_matches_model(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
@@ -284,6 +311,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train_loss"] = float(trainer.callback_metrics["train/loss"])
     if evaluation is not None:
         metrics.update(evaluation.last_metrics)
+    metrics.update(evaluate_toy_alignment(cfg, module, trainer, loggers))
     if trainer.is_global_zero and cfg.export.enabled:
         metadata = {
             "experiment": experiment_name(),
@@ -295,6 +323,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             export_run(cfg, module, export_dir(cfg), metadata)
     finish_loggers(loggers)
     return {"metrics": metrics, "steps": trainer.global_step}
+
+
+def evaluate_toy_alignment(cfg: DictConfig, module, trainer, loggers) -> dict[str, float]:
+    """eval=toy_alignment: prompt following of a toy text-to-image model, scored once training
+    ends (on the EMA weights when EMA is on) and logged as eval/<metric>."""
+    alignment = cfg.eval.get("toy_alignment")
+    if not alignment or not alignment.get("enabled") or not trainer.is_global_zero:
+        return {}
+    from t2ilab.toy.alignment import evaluate_alignment
+
+    with module.for_inference():
+        metrics = evaluate_alignment(
+            module,
+            OmegaConf.to_container(alignment, resolve=True),
+            Path(cfg.paths.output_dir),
+            generation_device(cfg),
+        )
+    for lg in loggers:
+        lg.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+    return metrics
 
 
 def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from t2ilab.models.pipelines import exact_size_kwargs, make_sampler
+from t2ilab.models.pipelines import make_sampler, pipeline_call_kwargs
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
 
@@ -123,7 +123,7 @@ def generate_images(
                 guidance_scale=guidance_scale,
                 height=resolution,
                 width=resolution,
-                **exact_size_kwargs(pipe),
+                **pipeline_call_kwargs(pipe),
             ).images
         return images
     finally:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from t2ilab.data.images import list_images
 from t2ilab.errors import UserError
-from t2ilab.models.pipelines import exact_size_kwargs
+from t2ilab.models.pipelines import pipeline_call_kwargs
 from t2ilab.utils.atomic import save_image_atomic
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def generate_class_images(
                 height=resolution,
                 width=resolution,
                 **extra,
-                **exact_size_kwargs(pipeline),
+                **pipeline_call_kwargs(pipeline),
             ).images
             for index, image in zip(chunk, images, strict=True):
                 save_image_atomic(image, class_dir / class_image_name(index))

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2ilab.data.captioned import collate_captioned
+from t2ilab.data.class_folder import collate_classes
 from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.toy import SHAPES, class_caption, dense_caption, image_to_tensor, render, scene_at
 from t2ilab.errors import UserError
@@ -77,6 +78,30 @@ class ToyWorldTextImages(Dataset):
         return {
             "pixel_values": image_to_tensor(render(scene, self.resolution)),
             "input_ids": ids,
+        }
+
+
+class ToyWorldClassImages(Dataset):
+    """(render, shape id) pairs for class-conditional training (PixArt's stage 1 on the toy
+    world: the shape is the class, as ImageNet's label is for the real stage 1); the same
+    scenes, epoch by epoch, as ToyWorldTextImages with the same seed."""
+
+    def __init__(self, size: int, seed: int, resolution: int, shapes: tuple[str, ...] = SHAPES):
+        self.size, self.seed, self.resolution = int(size), int(seed), resolution
+        self.shapes = tuple(shapes)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        scene = scene_at(self.seed, self.epoch * self.size + int(index), shapes=self.shapes)
+        return {
+            "pixel_values": image_to_tensor(render(scene, self.resolution)),
+            "class_labels": torch.tensor(self.shapes.index(scene.shape)),
         }
 
 
@@ -152,5 +177,37 @@ class ToyWorldDataModule(L.LightningDataModule):
             shuffle=False,  # scene i is already random; the order keeps resumes exact
             num_workers=self.num_workers,
             collate_fn=collate_captioned,
+            drop_last=True,
+        )
+
+
+class ToyWorldClassDataModule(ToyWorldDataModule):
+    """Toy-world renders labelled with their shape, for a class-conditional DiT (PixArt's
+    stage 1). `classes` and `id2label` are what train.py checks and the export records."""
+
+    def check(self) -> None:
+        self.caption = "class"  # no captions here; the label plays the class caption's part
+        super().check()
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.shapes))
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dataset = ToyWorldClassImages(self.size, self.seed, self.resolution, self.shapes)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.dataset.set_epoch(self.trainer.current_epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_classes,
             drop_last=True,
         )

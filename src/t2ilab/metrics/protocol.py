@@ -23,7 +23,7 @@ from t2ilab.metrics.images import list_image_files, load_image_folder
 from t2ilab.metrics.lpips import LpipsDistance, lpips_available
 from t2ilab.metrics.prompts import format_prompts, select_prompts
 from t2ilab.metrics.tiny import EmbeddingDistance, build_tiny_evaluators
-from t2ilab.models.pipelines import exact_size_kwargs
+from t2ilab.models.pipelines import pipeline_call_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class DreamBoothProtocol:
                     guidance_scale=float(cfg["guidance_scale"]),
                     height=cfg.get("resolution"),
                     width=cfg.get("resolution"),
-                    **exact_size_kwargs(pipe),
+                    **pipeline_call_kwargs(pipe),
                 ).images
                 for (p, _), image in zip(chunk, images, strict=True):
                     out[p].append(image)

@@ -38,11 +38,26 @@ def build_sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> StableDi
     return pipe
 
 
-def exact_size_kwargs(pipe) -> dict[str, Any]:
-    """Call kwargs so a pipeline renders exactly the requested height/width. PixArt's pipelines
-    otherwise snap sizes to aspect-ratio bins computed for an 8x VAE, which is wrong for tiny
-    models and not what validation/evaluation at the training resolution wants."""
+def pipeline_call_kwargs(pipe) -> dict[str, Any]:
+    """Call kwargs every sampling site passes, so a pipeline renders what was trained:
+    - exactly the requested height/width: PixArt's pipelines otherwise snap sizes to
+      aspect-ratio bins computed for an 8x VAE, wrong for tiny models and not what
+      validation/evaluation at the training resolution wants;
+    - prompts no longer than the tokenizer's length: PixArt's pipelines pad to 120 tokens by
+      default, more positions than the toy PixArt's CLIP text tower has (T5 is left alone);
+    - prompts as training tokenized them: PixArt's pipelines otherwise "clean" captions (and
+      warn when beautifulsoup4 is missing), which training here never does."""
     import inspect
 
     parameters = inspect.signature(pipe.__call__).parameters
-    return {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}
+    kwargs: dict[str, Any] = {}
+    if "use_resolution_binning" in parameters:
+        kwargs["use_resolution_binning"] = False
+    if "clean_caption" in parameters:
+        kwargs["clean_caption"] = False
+    tokenizer = getattr(pipe, "tokenizer", None)
+    length = parameters.get("max_sequence_length")
+    if length is not None and tokenizer is not None:
+        if int(tokenizer.model_max_length) < int(length.default):
+            kwargs["max_sequence_length"] = int(tokenizer.model_max_length)
+    return kwargs

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -18,9 +19,9 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
 )
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
-from t2ilab.models.loading import _plain, _source
+from t2ilab.models.loading import _plain, _source, component_folder
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,40 @@ def build_pixart_pipeline(
 
 
 def load_t5_tokenizer(model_cfg: dict[str, Any]):
-    """T5's tokenizer from the model, or for tiny models ByT5's byte-level one (no vocab file,
-    so it builds offline). `model.max_length` (PixArt: 120 tokens) becomes model_max_length."""
+    """The pipeline's tokenizer (T5's for PixArt-alpha; whatever class the folder saved, so the
+    toy PixArt's CLIP tokenizer loads too), a `model.components.tokenizer` folder, or for tiny
+    models ByT5's byte-level one (no vocab file, so it builds offline). `model.max_length`
+    (PixArt: 120 tokens) becomes model_max_length."""
     max_length = int(model_cfg.get("max_length", 120))
     if model_cfg.get("pretrained"):
-        tokenizer = T5Tokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
         )
+    elif (model_cfg.get("components") or {}).get("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(component_folder(model_cfg, "tokenizer"))
     else:
         tokenizer = ByT5Tokenizer()
     tokenizer.model_max_length = max_length
     return tokenizer
+
+
+def load_text_encoder(source, **kwargs):
+    """The text encoder as the class its config names, as diffusers loads a pipeline's parts:
+    T5EncoderModel for PixArt-alpha (AutoModel would build a T5 with a decoder), CLIPTextModel
+    for the toy PixArt."""
+    config = AutoConfig.from_pretrained(
+        source, subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision")
+    )
+    name = (getattr(config, "architectures", None) or ["T5EncoderModel"])[0]
+    return getattr(transformers, name).from_pretrained(source, **kwargs)
+
+
+def _vae(model_cfg: dict[str, Any]) -> AutoencoderKL:
+    """A tiny model's VAE: built from tiny.vae, or a pretrained one from model.components.vae
+    (the toy transformers train over the shipped toy VAE)."""
+    if (model_cfg.get("components") or {}).get("vae"):
+        return AutoencoderKL.from_pretrained(component_folder(model_cfg, "vae"))
+    return AutoencoderKL(**model_cfg["tiny"]["vae"])
 
 
 def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
@@ -113,9 +137,7 @@ def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
                 source, subfolder="transformer", **weights
             ),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            text_encoder=T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder", **weights
-            ),
+            text_encoder=load_text_encoder(source, subfolder="text_encoder", **weights),
             tokenizer=tokenizer,
             scheduler_config=dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kw)),
         )
@@ -123,8 +145,11 @@ def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny.get("seed", 0)))
         transformer = PixArtTransformer2DModel(**tiny["transformer"])
-        vae = AutoencoderKL(**tiny["vae"])
-        text_encoder = T5EncoderModel(T5Config(**tiny["text_encoder"]))
+        vae = _vae(model_cfg)
+        if (model_cfg.get("components") or {}).get("text_encoder"):
+            text_encoder = load_text_encoder(component_folder(model_cfg, "text_encoder"))
+        else:
+            text_encoder = T5EncoderModel(T5Config(**tiny["text_encoder"]))
     # Built modules start in train mode (T5 has dropout); from_pretrained ones in eval mode.
     for module in (transformer, vae, text_encoder):
         module.eval()
@@ -146,7 +171,7 @@ def load_dit_components(model_cfg, tokenizer=None) -> DiTComponents:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny.get("seed", 0)))
         transformer = DiTTransformer2DModel(**tiny["transformer"])
-        vae = AutoencoderKL(**tiny["vae"])
+        vae = _vae(model_cfg)
     transformer.eval()
     vae.eval()
     return DiTComponents(transformer, vae, dict(tiny["scheduler"]))

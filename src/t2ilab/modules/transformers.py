@@ -16,6 +16,18 @@ def mean_prediction(output: torch.Tensor, latent_channels: int) -> torch.Tensor:
     return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
 
 
+def tokenizer_attention_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The attention mask the tokenizer gives with these ids (what the pipeline and the feature
+    cache use), rebuilt from padded ids. CLIP pads with its end token, so the first end token is
+    text and the rest are padding; T5 pads with a token of its own."""
+    is_pad = ids == tokenizer.pad_token_id
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        is_pad &= is_pad.long().cumsum(dim=1) > 1
+    mask = (~is_pad).long()
+    mask[:, 0] = 1  # an empty caption (dropped for CFG) still has one token to attend
+    return mask
+
+
 class PixArtModule(DiffusionModule):
     """PixArt-alpha: PixArtTransformer2DModel (adaLN-single, cross-attention in every block)
     conditioned on frozen T5 features with their attention mask."""
@@ -43,8 +55,7 @@ class PixArtModule(DiffusionModule):
             embeds, mask = batch["prompt_embeds"], batch["prompt_mask"]
         else:
             ids = batch["input_ids"]
-            mask = (ids != self.tokenizer.pad_token_id).long()
-            mask[:, 0] = 1  # an empty caption (dropped for CFG) still has one token to attend
+            mask = tokenizer_attention_mask(ids, self.tokenizer)
             with torch.no_grad():
                 embeds = self.text_encoder(ids, attention_mask=mask)[0]
         added = {"resolution": batch.get("resolution"), "aspect_ratio": batch.get("aspect_ratio")}

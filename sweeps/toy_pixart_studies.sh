@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The two PixArt studies on the toy world (experiments/pixart_staged, experiments/pixart_captions),
+# per seed, at equal compute (steps x batch); the run folders and their `arm` factor:
+#   stage1        stage1        class-conditional DiT, STAGE1_STEPS steps (the shape is the class)
+#   stage2        staged_dense  PixArt from stage1's DiT (reparameterised), dense captions,
+#                               TEXT_STEPS steps (the toy PixArt recipe's stage 2 for seed 0)
+#   stage2_class  staged_class  the same with class-only captions ("a star")
+#   scratch       scratch_dense PixArt from scratch, dense captions, STAGE1_STEPS + TEXT_STEPS steps
+#   bash sweeps/toy_pixart_studies.sh runs/toy_pixart_studies 0 1
+#   python -m t2ilab.analysis.collect runs/toy_pixart_studies --group-by arm
+# Each run ends with eval=toy_alignment (colours and shape read from the pixels). A run whose
+# results.json says "ok" is skipped, so the script resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash sweeps/toy_pixart_studies.sh OUT_DIR SEED [SEED...]}
+shift
+[ $# -ge 1 ] || { echo "name at least one seed, e.g. 0" >&2; exit 2; }
+stage1_steps=${STAGE1_STEPS:-1000}
+text_steps=${TEXT_STEPS:-2000}
+done_ok() { grep -qs '"status": "ok"' "$1/results.json"; }
+train() {  # train DIR OVERRIDES...
+  local dir=$1; shift
+  if done_ok "$dir"; then echo "done already: $dir"; return; fi
+  python train.py hydra.run.dir="$dir" "$@"
+}
+for seed in "$@"; do
+  s="$out/seed$seed"
+  seeds=(seed="$seed" data.seed="$seed" model.tiny.seed="$seed")
+  train "$s/stage1" experiment=toy_pixart_stage1 +arm=stage1 "${seeds[@]}" \
+    trainer.max_steps="$stage1_steps"
+  train "$s/stage2" experiment=toy_pixart_stage2 +arm=staged_dense "${seeds[@]}" \
+    model.init_from="$s/stage1" data.caption=dense trainer.max_steps="$text_steps"
+  train "$s/stage2_class" experiment=toy_pixart_stage2 +arm=staged_class "${seeds[@]}" \
+    model.init_from="$s/stage1" data.caption=class trainer.max_steps="$text_steps"
+  train "$s/scratch" experiment=toy_pixart_stage2 +arm=scratch_dense "${seeds[@]}" \
+    data.caption=dense trainer.max_steps=$((stage1_steps + text_steps))
+done
+echo "done: python -m t2ilab.analysis.collect $out"

@@ -1,0 +1,204 @@
+"""The toy PixArt (issue 7): its three stages on the toy world hand over (DiT reparameterised,
+then a resolution change), score prompt following at the end, and export folders that stock
+diffusers loads; and the pieces the toy needs (CLIP tokens in T5's place, class labels, the
+pixel shape reader) match independent computations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from _support import ROOT
+from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+from PIL import Image
+from transformers import ByT5Tokenizer, CLIPTextModel, CLIPTokenizer
+
+import t2ilab.train as train_module
+from t2ilab.data.toy import COLORS, SHAPES, Scene, render, scene_at
+from t2ilab.data.toy_world import ToyWorldClassDataModule
+from t2ilab.errors import UserError
+from t2ilab.models.pipelines import pipeline_call_kwargs
+from t2ilab.modules.transformers import tokenizer_attention_mask
+from t2ilab.toy import quality
+
+TOY = ROOT / "models" / "toy"
+FAST = [
+    "logger=csv",
+    "trainer.max_steps=3",
+    "sampling.num_inference_steps=2",
+    "callbacks.samples.every_n_steps=0",
+    "eval.toy_alignment.n=4",
+    "eval.toy_alignment.num_inference_steps=2",
+]
+
+
+def _stages(out):
+    return subprocess.run(
+        ["bash", str(ROOT / "sweeps" / "pixart_stages.sh"), str(out), *FAST],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "STAGES": "toy_pixart_stage", "OMP_NUM_THREADS": "2"},
+    )
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_stages")
+    proc = _stages(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_stages_hand_over_and_score_prompt_following(stages):
+    logs = {i: (stages / f"stage{i}" / "train.log").read_text() for i in (2, 3)}
+    assert "reparameterised from the DiT" in logs[2]
+    assert "init: sample_size 16 -> 32 latents" in logs[3]
+    labels = json.loads((stages / "stage1" / "export" / "id2label.json").read_text())
+    assert list(labels.values()) == list(SHAPES)
+    for i in (2, 3):
+        metrics = json.loads((stages / f"stage{i}" / "results.json").read_text())["metrics"]
+        for name in ("background_acc", "object_color_acc", "shape_acc"):
+            assert 0.0 <= metrics[name] <= 1.0
+        assert (stages / f"stage{i}" / "samples" / "alignment.png").is_file()
+
+
+def test_stage3_export_loads_in_diffusers_at_its_new_resolution(stages):
+    pipe = PixArtAlphaPipeline.from_pretrained(stages / "stage3" / "export")
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.model_max_length == 32
+    # The text encoder is the frozen toy CLIP text tower, weight for weight.
+    tower = CLIPTextModel.from_pretrained(TOY / "toy_sd" / "text_encoder").state_dict()
+    own = pipe.text_encoder.state_dict()
+    assert all(torch.equal(own[k], tower[k]) for k in tower)
+    # No height/width: the transformer's sample_size now says 128 px.
+    image = pipe(
+        "a red star on a blue background",
+        num_inference_steps=2,
+        max_sequence_length=32,  # the toy tokenizer's length (the default is T5's 120)
+        use_resolution_binning=False,
+        output_type="np",
+    ).images
+    assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+
+
+def test_resolution_change_keeps_the_function_at_the_new_size(stages):
+    """Stage 3 starts as exactly what stage 2's model computes on 128 px latents."""
+    source = stages / "stage2" / "export"
+    before = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer")
+    cfg = train_module.OmegaConf.create({"model": {"resolution": 128}})
+    vae_config = type("Vae", (), {"config": type("C", (), {"block_out_channels": [1, 1, 1]})})
+    overrides = train_module.resolution_change(cfg, source, vae_config)
+    assert overrides == {"sample_size": 32, "interpolation_scale": 2.0}
+    after = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer", **overrides)
+    torch.manual_seed(0)
+    x, text = torch.randn(2, 4, 32, 32), torch.randn(2, 6, 128)
+    kwargs = dict(
+        encoder_hidden_states=text,
+        encoder_attention_mask=torch.ones(2, 6),
+        timestep=torch.tensor([20, 700]),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(after(x, **kwargs).sample, before(x, **kwargs).sample)
+
+
+def test_a_finished_stage_is_not_run_again(stages):
+    before = (stages / "stage1" / "results.json").read_text()
+    proc = _stages(stages)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("already done") == 3
+    assert (stages / "stage1" / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("kind", ["clip", "byt5"])
+def test_attention_mask_from_ids_is_the_tokenizers(kind):
+    tokenizer = (
+        CLIPTokenizer.from_pretrained(TOY / "toy_clip") if kind == "clip" else ByT5Tokenizer()
+    )
+    length = 32
+    captions = ["a small red star on a blue background", "", "a star"]
+    tokens = tokenizer(
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    )
+    expected = tokens.attention_mask.clone()
+    expected[:, 0] = 1  # one token to attend for an empty caption (T5's "" is all padding)
+    assert torch.equal(tokenizer_attention_mask(tokens.input_ids, tokenizer), expected)
+
+
+def test_pipeline_call_kwargs_shorten_only_what_the_encoder_cannot_read():
+    class Fake:
+        def __init__(self, length):
+            self.tokenizer = type("T", (), {"model_max_length": length})()
+
+        def __call__(self, prompt, max_sequence_length=120, clean_caption=True,
+                     use_resolution_binning=True):  # fmt: skip
+            pass
+
+    assert pipeline_call_kwargs(Fake(32)) == {
+        "use_resolution_binning": False,
+        "clean_caption": False,
+        "max_sequence_length": 32,
+    }
+    assert "max_sequence_length" not in pipeline_call_kwargs(Fake(120))
+
+
+def test_class_datamodule_labels_each_render_with_its_shape():
+    dm = ToyWorldClassDataModule(size=16, seed=3, resolution=32, batch_size=8, num_workers=0)
+    dm.check()
+    dm.bind(None)
+    dm.setup()
+    assert dm.id2label == dict(enumerate(SHAPES)) and dm.classes == list(SHAPES)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32)
+    for i in range(8):
+        scene = scene_at(3, i)
+        assert SHAPES[int(batch["class_labels"][i])] == scene.shape
+        pixels = (batch["pixel_values"][i].permute(1, 2, 0).numpy() + 1) * 127.5
+        assert np.abs(pixels - np.asarray(render(scene, 32), dtype=np.float32)).max() < 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_reader_is_exact_on_turned_moved_and_resized_renders(shape):
+    rng = np.random.default_rng(SHAPES.index(shape))
+    for _ in range(6):
+        scene = Scene(
+            shape,
+            "red",
+            "blue",
+            size=str(rng.choice(["small", "medium", "large"])),
+            position=str(rng.choice(["center", "top left", "bottom"])),
+            rotation=float(rng.uniform(-20, 20)),
+        )
+        assert quality.read_shape(render(scene), "blue", "red") == shape
+    # Only background: no shape.
+    empty = Image.new("RGB", (64, 64), COLORS["blue"])
+    assert quality.read_shape(empty, "blue", "red") is None
+
+
+def test_prompt_following_scores_wrong_images_low():
+    scenes = quality.sd_color_scenes(7, 16)
+    right = quality.to_pil(quality.render_batch(scenes))
+    shifted = [
+        dataclasses.replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % 8]) for s in scenes
+    ]
+    wrong_shape = quality.to_pil(quality.render_batch(shifted))
+    assert quality.prompt_following(scenes, right)["shape_acc"] == 1.0
+    scores = quality.prompt_following(scenes, wrong_shape)
+    assert scores["shape_acc"] == 0.0
+    assert scores["object_color_acc"] == scores["background_acc"] == 1.0
+
+
+def test_toy_alignment_refuses_a_model_outside_the_toy_world(make_cfg, monkeypatch):
+    monkeypatch.setattr(
+        train_module, "load_components", lambda *a, **k: pytest.fail("weights loaded")
+    )
+    cfg = make_cfg("experiment=pixart_stage2", "eval=toy_alignment", "logger=csv")
+    with pytest.raises(UserError, match="eval=toy_alignment .* tiny_pixart"):
+        train_module.train(cfg)
