@@ -88,6 +88,29 @@ def test_stage3_export_loads_in_diffusers_at_its_new_resolution(stages):
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
 
 
+def test_ship_links_every_shared_part_and_records_all_stages(stages, tmp_path):
+    import shutil
+
+    from t2ilab.toy.ship import link_shared_parts, record_run
+
+    for name in ("toy_vae", "toy_clip", "toy_sd/text_encoder"):
+        shutil.copytree(TOY / name, tmp_path / name)
+    export = tmp_path / "toy_p"
+    shutil.copytree(stages / "stage3" / "export", export)
+    assert sorted(link_shared_parts(export)) == ["text_encoder", "tokenizer", "vae"]
+    assert str((export / "text_encoder").readlink()) == "../toy_sd/text_encoder"
+    summary = record_run(export, stages / "stage3")
+    assert [s["command"].split()[2] for s in summary["stages"]] == [
+        f"experiment=toy_pixart_stage{i}" for i in (1, 2, 3)
+    ]
+    assert summary["steps"] == 9 and summary["parameters"] > 10**6
+    assert summary["metrics"]["render_shape_acc"] == 1.0
+    assert json.loads((export / "training.json").read_text())["steps"] == 9
+    pipe = PixArtAlphaPipeline.from_pretrained(export)
+    image = pipe("a star", num_inference_steps=1, max_sequence_length=32, output_type="np")
+    assert image.images.shape == (1, 128, 128, 3)
+
+
 def test_resolution_change_keeps_the_function_at_the_new_size(stages):
     """Stage 3 starts as exactly what stage 2's model computes on 128 px latents."""
     source = stages / "stage2" / "export"

@@ -1,18 +1,21 @@
 """Ship a trained toy pipeline without a second copy of the parts it shares.
 
-`experiment=toy_pretrain_sd` exports a whole StableDiffusionPipeline folder, including copies of
-the frozen toy VAE and the toy CLIP tokenizer it was built over. In the repository those
-subfolders become relative links to models/toy/toy_vae and models/toy/toy_clip, after checking
-that the export's copy is exactly the shipped one, so the 30 MB budget pays for them once and
-the pipeline still loads with stock diffusers. The text encoder stays a copy: linked to the
-whole CLIPModel folder, `CLIPTextModel.from_pretrained` would print a table of the image
-tower's "unexpected" weights at every load (a test checks the copy equals toy_clip's tower).
+`experiment=toy_pretrain_sd` (and the toy PixArt's stages) export a whole pipeline folder,
+including copies of the frozen toy VAE, text encoder and tokenizer it was built over. In the
+repository those subfolders become relative links to models/toy/toy_vae, toy_clip and
+toy_sd/text_encoder, after checking that the export's copy is exactly the shipped one, so the
+30 MB budget pays for them once and the pipeline still loads with stock diffusers. toy_sd's own
+text encoder stays a copy: linked to the whole CLIPModel folder, `CLIPTextModel.from_pretrained`
+would print a table of the image tower's "unexpected" weights at every load (a test checks the
+copy equals toy_clip's tower); toy_pixart links to that copy.
 
 With --run, the training run's record goes in too, as for the other toy models: training.json
 (command, seed, steps, wall time, versions, and `quality.sd_quality` measured on the linked
-folder) and its last sample grid as samples.png:
+folder; for a staged model every stage, found through model.init_from) and its last sample
+grid as samples.png:
 
     python -m t2ilab.toy.ship models/toy/toy_sd --run logs/train/runs/<timestamp>
+    python -m t2ilab.toy.ship models/toy/toy_pixart --run runs/toy_pixart/stage3
 """
 
 from __future__ import annotations
@@ -51,8 +54,12 @@ def _link(subfolder: Path, target_name: str) -> None:
     os.symlink(Path("..") / target_name, subfolder, target_is_directory=True)
 
 
-# export subfolder, the shipped folder beside the export it must equal, and how to compare
-SHARED = (("vae", "toy_vae", _same_weights), ("tokenizer", "toy_clip", _same_tokenizer))
+# export subfolder, the shipped folder (beside the export) it must equal, and how to compare
+SHARED = (
+    ("vae", "toy_vae", _same_weights),
+    ("tokenizer", "toy_clip", _same_tokenizer),
+    ("text_encoder", "toy_sd/text_encoder", _same_weights),
+)
 
 
 def link_shared_parts(export: str | Path) -> list[str]:
@@ -62,8 +69,10 @@ def link_shared_parts(export: str | Path) -> list[str]:
     plan = []
     for sub, name, same in SHARED:
         copy, shipped = export / sub, export.parent / name
-        if copy.is_symlink():
+        if copy.is_symlink() or not copy.exists() or not shipped.exists():
             continue
+        if shipped.resolve().is_relative_to(export.resolve()):
+            continue  # the part is this export's own (toy_sd's text encoder)
         if not same(copy, shipped):
             raise ValueError(f"{copy} differs from {shipped}: the part was trained, not shared")
         plan.append((copy, name))
@@ -72,32 +81,63 @@ def link_shared_parts(export: str | Path) -> list[str]:
     return [copy.name for copy, _ in plan]
 
 
-def record_run(export: Path, run: Path) -> dict:
-    """training.json + samples.png in `export`, from the run folder that trained it."""
+def _run_record(run: Path) -> dict:
     import yaml
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    results = json.loads((run / "results.json").read_text())
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    return {
+        "run": str(run),
+        "command": "python train.py " + " ".join(overrides),
+        "seed": config.get("seed"),
+        "steps": results["steps"],
+        "train_wall_time_s": results["wall_time_s"],
+        "metrics": results.get("metrics", {}),
+        "init_from": (config.get("model") or {}).get("init_from"),
+    }
+
+
+def stage_records(run: Path) -> list[dict]:
+    """The run and every earlier stage it started from (model.init_from), first stage first."""
+    records, seen = [], set()
+    while run is not None and run.resolve() not in seen:
+        seen.add(run.resolve())
+        record = _run_record(run)
+        records.insert(0, record)
+        init = record["init_from"]
+        run = Path(init).parent if init and Path(init).name == "export" else init
+        run = Path(run) if run else None
+    return records
+
+
+def record_run(export: Path, run: Path) -> dict:
+    """training.json + samples.png in `export`, from the run folder that trained it (and, for
+    a staged model, the runs before it)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     from t2ilab.toy import quality
     from t2ilab.toy.pretrain import GRID_NAME, versions
     from t2ilab.utils.atomic import write_json_atomic
 
-    results = json.loads((run / "results.json").read_text())
-    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
-    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    stages = stage_records(run)
     grids = sorted((run / "samples").glob("step_*.png"))
     if grids:
         shutil.copyfile(grids[-1], export / GRID_NAME)
-    pipe = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(export, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    last = stages[-1]
     summary = {
         "component": export.name,
-        "command": "python train.py " + " ".join(overrides),
-        "seed": config.get("seed"),
+        "command": last["command"],
+        "seed": last["seed"],
         "eval_seed": quality.EVAL_SEED,
-        "steps": results["steps"],
-        "train_wall_time_s": results["wall_time_s"],
-        "parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "steps": sum(stage["steps"] for stage in stages),
+        "train_wall_time_s": round(sum(stage["train_wall_time_s"] for stage in stages), 1),
+        "stages": stages if len(stages) > 1 else None,
+        "parameters": sum(p.numel() for p in denoiser.parameters()),
         "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe).items()},
         "sample_grid": grids[-1].name if grids else None,
         "versions": versions(),
