@@ -186,7 +186,16 @@ class DiffusionModule(L.LightningModule):
 
     # --- what sampling, evaluation and export see ----------------------------------------------
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen: subclasses keep their other frozen parts in eval mode too
+        return self
+
     def on_train_start(self) -> None:
+        # Lightning keeps each submodule's mode at fit start, and components load in eval mode;
+        # train() puts what is trained in train mode (dropout, the DiT's label dropout that
+        # trains its null class for guidance) and keeps the frozen parts in eval mode.
+        self.train()
         encoder = getattr(self, "text_encoder", None)
         if self.offload_text_encoder and encoder is not None and self.device.type != "cpu":
             encoder.to("cpu")  # prompt states come from the cache: free its device memory

@@ -1,17 +1,29 @@
-"""Text-image alignment of a toy text-to-image model at the end of training (`eval=toy_alignment`):
-images for the dense captions of fresh scenes, scored by reading their colours and shape from
-the pixels (`quality.prompt_following`). The metrics go into results.json, so a sweep's table
-comes from `python -m t2ilab.analysis.collect`; the images go into <run>/samples/alignment.png.
+"""Prompt following of a toy text-to-image model, read from the pixels (`quality`): at the end
+of training (`eval=toy_alignment`) or on any exported toy pipeline:
+
+    python -m t2ilab.toy.alignment models/toy/toy_pixart
+    python -m t2ilab.toy.alignment runs/toy_pixart/stage1/export     # a class-conditional DiT
+
+A text-to-image pipeline gets the dense captions of fresh scenes (a large plain shape on a plain
+background) and is scored on background colour, object colour and shape (`prompt_following`).
+A class-conditional DiT (PixArt's stage 1, whose class is the shape) gets the scenes' shape
+labels and is scored on shape alone. In training the metrics go into results.json, so a sweep's
+table comes from `python -m t2ilab.analysis.collect`; the images into <run>/samples/alignment.png.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from t2ilab.data.toy import SHAPES, Scene, dense_caption
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.noise import inference_scheduler_config
 from t2ilab.toy import quality
@@ -19,6 +31,61 @@ from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
 
 log = logging.getLogger(__name__)
+
+
+def is_class_conditional(pipe) -> bool:
+    return type(pipe).__name__ == "DiTPipeline"
+
+
+def class_conditional_images(
+    pipe, scenes: list[Scene], seed: int, steps: int, guidance: float, batch_size: int = 32
+) -> list[Image.Image]:
+    """One image per scene's shape label (class id i is SHAPES[i], as the toy stage 1 trains)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, len(scenes), batch_size):
+        labels = [SHAPES.index(s.shape) for s in scenes[start : start + batch_size]]
+        images += pipe(
+            class_labels=labels,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generator,
+        ).images
+    return images
+
+
+def class_shape_accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:
+    """Shape accuracy when nothing names the colours: both are read from the image first."""
+    shapes = [quality.read_shape(image, *quality.read_colors(image)) for image in images]
+    return {
+        "shape_acc": float(np.mean([r == s.shape for r, s in zip(shapes, scenes, strict=True)]))
+    }
+
+
+@torch.no_grad()
+def score_pipeline(
+    pipe, n: int = 64, seed: int = quality.EVAL_SEED, steps: int = 25, guidance: float = 4.0
+) -> tuple[dict[str, float], list[Image.Image], list[str]]:
+    """(metrics, images, what each image was asked for) for a toy pipeline."""
+    scenes = quality.sd_color_scenes(seed, n)
+    if is_class_conditional(pipe):
+        images = class_conditional_images(pipe, scenes, seed, steps, guidance)
+        return class_shape_accuracy(scenes, images), images, [s.shape for s in scenes]
+    images = quality.prompt_following_images(pipe, scenes, seed, steps, guidance)
+    scores = quality.prompt_following(scenes, images)
+    # The render_* checks must be 1.0; only the model's own scores are reported.
+    if min(v for k, v in scores.items() if k.startswith("render_")) < 1.0:
+        log.warning("toy alignment: the pixel readers miss on renders: %s", scores)
+    metrics = {k: v for k, v in scores.items() if not k.startswith("render_")}
+    return metrics, images, [dense_caption(s) for s in scenes]
+
+
+def save_grid(images: list[Image.Image], asked: list[str], path: Path, shown: int = 16) -> Path:
+    shown = min(shown, len(images))
+    grid = make_grid(images[:shown], rows=max(1, shown // 8), captions=asked[:shown])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_atomic(grid, path)
+    return path
 
 
 @torch.no_grad()
@@ -33,27 +100,48 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
             alignment_cfg["scheduler"],
             inference_scheduler_config(module.noise_scheduler, module.noise),
         )
-        pipe = module.pipeline(sampler).to(device)
-        scenes = quality.sd_color_scenes(int(alignment_cfg["seed"]), int(alignment_cfg["n"]))
-        images = quality.prompt_following_images(
-            pipe,
-            scenes,
+        metrics, images, asked = score_pipeline(
+            module.pipeline(sampler).to(device),
+            n=int(alignment_cfg["n"]),
             seed=int(alignment_cfg["seed"]),
             steps=int(alignment_cfg["num_inference_steps"]),
             guidance=float(alignment_cfg["guidance_scale"]),
         )
     finally:
         module.train(was_training)
-    scores = quality.prompt_following(scenes, images)
-    # The render_* checks must be 1.0; only the model's own scores go to the results table.
-    if min(v for k, v in scores.items() if k.startswith("render_")) < 1.0:
-        log.warning("toy alignment: the pixel readers miss on renders: %s", scores)
-    metrics = {k: v for k, v in scores.items() if not k.startswith("render_")}
-    shown = int(alignment_cfg.get("grid_images", 16))
-    captions = [quality.dense_caption(s) for s in scenes[:shown]]
-    grid = make_grid(images[:shown], rows=max(1, shown // 8), captions=captions)
-    path = Path(output_dir) / "samples" / "alignment.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_atomic(grid, path)
+    path = save_grid(
+        images, asked, Path(output_dir) / "samples" / "alignment.png", alignment_cfg["grid_images"]
+    )
     log.info("toy alignment %s (images: %s)", metrics, path)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", type=Path, help="an exported toy pipeline folder")
+    parser.add_argument("--n", type=int, default=64, help="scenes (default 64)")
+    parser.add_argument("--seed", type=int, default=quality.EVAL_SEED)
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (DDIM)")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--grid", type=Path, help="also save the first 16 images here (PNG)")
+    args = parser.parse_args(argv)
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from t2ilab.errors import UserError
+
+    if not (args.export / "model_index.json").is_file():
+        raise SystemExit(f"error: {args.export} is not a pipeline folder (no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(args.export)
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        metrics, images, asked = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.grid:
+        save_grid(images, asked, args.grid)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+
+if __name__ == "__main__":
+    main()
