@@ -247,9 +247,11 @@ def test_shape_reader_is_exact_on_turned_moved_and_resized_renders(shape):
             rotation=float(rng.uniform(-20, 20)),
         )
         assert quality.read_shape(render(scene), "blue", "red") == shape
+        assert quality.read_shape_unnamed(render(scene)) == shape  # colours read, not named
     # Only background: no shape.
     empty = Image.new("RGB", (64, 64), COLORS["blue"])
     assert quality.read_shape(empty, "blue", "red") is None
+    assert quality.read_shape_unnamed(empty) is None
 
 
 def test_prompt_following_scores_wrong_images_low():

@@ -321,17 +321,12 @@ def _shape_templates() -> dict[str, list[np.ndarray]]:
 _TEMPLATES: dict[str, list[np.ndarray]] = {}
 
 
-def read_shape(image: Image.Image, background: str, color: str) -> str | None:
-    """The world shape whose outline best overlaps (IoU) the object's, read from the pixels:
-    a pixel is object when it is nearer the object colour than the background colour (both
-    named by the prompt), and outlines are compared cropped to their boxes, so position and
-    size do not matter. Exact on renders of plain shapes; None with no object."""
+def shape_of_mask(mask: np.ndarray) -> str | None:
+    """The world shape whose outline best overlaps (IoU) the object mask, compared cropped to
+    their boxes (so position and size do not matter) and at several turns. None: no object."""
     if not _TEMPLATES:
         _TEMPLATES.update(_shape_templates())
-    array = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
-    to_object = ((array - np.array(COLORS[color])) ** 2).sum(-1)
-    to_background = ((array - np.array(COLORS[background])) ** 2).sum(-1)
-    mask = _normalised_mask(to_object < to_background)
+    mask = _normalised_mask(mask)
     if mask is None:
         return None
 
@@ -339,6 +334,35 @@ def read_shape(image: Image.Image, background: str, color: str) -> str | None:
         return float((mask & template).sum() / max((mask | template).sum(), 1))
 
     return max(_TEMPLATES, key=lambda shape: max(iou(t) for t in _TEMPLATES[shape]))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
+
+
+def read_shape(image: Image.Image, background: str, color: str) -> str | None:
+    """The shape of the object of colour `color` on `background` (both named by the prompt):
+    a pixel is object when it is nearer the object colour than the background colour. Exact on
+    renders of plain shapes, wherever they sit, however large and turned."""
+    array = _pixels(image)
+    to_object = ((array - np.array(COLORS[color])) ** 2).sum(-1)
+    to_background = ((array - np.array(COLORS[background])) ** 2).sum(-1)
+    return shape_of_mask(to_object < to_background)
+
+
+# How far (RGB distance) a pixel must be from the background to count as object when nothing
+# names the colours; the nearest two world colours are ~95 apart.
+OBJECT_DISTANCE = 60.0
+
+
+def read_shape_unnamed(image: Image.Image) -> str | None:
+    """The object's shape when no prompt names its colours (class-conditional models): the
+    background is the median of the four corners, the object every pixel far from it. Exact on
+    renders of plain shapes on plain backgrounds."""
+    array = _pixels(image)
+    corners = np.concatenate([array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]])
+    background = np.median(corners.reshape(-1, 3), 0)
+    return shape_of_mask(np.sqrt(((array - background) ** 2).sum(-1)) > OBJECT_DISTANCE)
 
 
 def prompt_following_images(
