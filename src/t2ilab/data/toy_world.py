@@ -109,6 +109,8 @@ class ToyWorldDataModule(L.LightningDataModule):
     """Toy-world pretraining data with the datamodule interface train.py expects
     (check, bind, class_prompt, validation_prompts)."""
 
+    collate = staticmethod(collate_captioned)
+
     def __init__(
         self,
         size: int = 50_000,
@@ -176,7 +178,7 @@ class ToyWorldDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,  # scene i is already random; the order keeps resumes exact
             num_workers=self.num_workers,
-            collate_fn=collate_captioned,
+            collate_fn=self.collate,
             drop_last=True,
         )
 
@@ -184,6 +186,8 @@ class ToyWorldDataModule(L.LightningDataModule):
 class ToyWorldClassDataModule(ToyWorldDataModule):
     """Toy-world renders labelled with their shape, for a class-conditional DiT (PixArt's
     stage 1). `classes` and `id2label` are what train.py checks and the export records."""
+
+    collate = staticmethod(collate_classes)
 
     def check(self) -> None:
         self.caption = "class"  # no captions here; the label plays the class caption's part
@@ -199,15 +203,3 @@ class ToyWorldClassDataModule(ToyWorldDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset = ToyWorldClassImages(self.size, self.seed, self.resolution, self.shapes)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None:
-            self.dataset.set_epoch(self.trainer.current_epoch)
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_classes,
-            drop_last=True,
-        )

@@ -42,16 +42,12 @@ def class_conditional_images(
 ) -> list[Image.Image]:
     """One image per scene's shape label (class id i is SHAPES[i], as the toy stage 1 trains)."""
     generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, len(scenes), batch_size):
-        labels = [SHAPES.index(s.shape) for s in scenes[start : start + batch_size]]
-        images += pipe(
-            class_labels=labels,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generator,
-        ).images
-    return images
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+    return quality.batched_images(
+        lambda batch: pipe(class_labels=[SHAPES.index(s.shape) for s in batch], **kwargs),
+        scenes,
+        batch_size,
+    )
 
 
 def class_shape_accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:

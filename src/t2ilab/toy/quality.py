@@ -365,24 +365,27 @@ def read_shape_unnamed(image: Image.Image) -> str | None:
     return shape_of_mask(np.sqrt(((array - background) ** 2).sum(-1)) > OBJECT_DISTANCE)
 
 
+def batched_images(call, items: list, batch_size: int = 32) -> list[Image.Image]:
+    """`call(batch)` (a pipeline call over a slice of `items`) for every slice, concatenated:
+    one generator passed to each call keeps the images the same for any batch size <= n."""
+    images = []
+    for start in range(0, len(items), batch_size):
+        images += call(items[start : start + batch_size]).images
+    return images
+
+
 def prompt_following_images(
     pipe, scenes: list[Scene], seed: int, steps: int, guidance: float, batch_size: int = 32
 ) -> list[Image.Image]:
-    """One image per scene's dense caption, seeded per batch from `seed`."""
+    """One image per scene's dense caption, seeded once from `seed`."""
     from t2ilab.models.pipelines import pipeline_call_kwargs
 
     generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, len(scenes), batch_size):
-        batch = scenes[start : start + batch_size]
-        images += pipe(
-            [dense_caption(s) for s in batch],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generator,
-            **pipeline_call_kwargs(pipe),
-        ).images
-    return images
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+    kwargs.update(pipeline_call_kwargs(pipe))
+    return batched_images(
+        lambda batch: pipe([dense_caption(s) for s in batch], **kwargs), scenes, batch_size
+    )
 
 
 def prompt_following(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:
