@@ -111,9 +111,10 @@ def stage_records(run: Path) -> list[dict]:
     return records
 
 
-def record_run(export: Path, run: Path) -> dict:
+def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
     """training.json + samples.png in `export`, from the run folder that trained it (and, for
-    a staged model, the runs before it)."""
+    a staged model, the runs before it). `quality_kwargs` go to `quality.sd_quality` (n,
+    steps: the defaults are what the shipped records hold)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     from t2ilab.toy import quality
@@ -138,7 +139,7 @@ def record_run(export: Path, run: Path) -> dict:
         "train_wall_time_s": round(sum(stage["train_wall_time_s"] for stage in stages), 1),
         "stages": stages if len(stages) > 1 else None,
         "parameters": sum(p.numel() for p in denoiser.parameters()),
-        "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe).items()},
+        "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe, **quality_kwargs).items()},
         "sample_grid": grids[-1].name if grids else None,
         "versions": versions(),
     }
