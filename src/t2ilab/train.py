@@ -5,6 +5,7 @@ Kept free of method logic: what is trained lives in t2ilab.modules, data in t2il
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -185,8 +186,6 @@ def resolution_change(cfg: DictConfig, source: Path, vae) -> dict[str, Any]:
     latent size as sample_size, so the export renders at it by default, and interpolation_scale
     scaled with it, so the position embeddings stay the ones the previous stage's model computes
     at that size (PixArt-alpha 512 -> 1024: sample_size 64 -> 128, interpolation 1 -> 2)."""
-    import json
-
     config = json.loads((source / "transformer" / "config.json").read_text())
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     new_size, old_size = int(cfg.model.resolution) // factor, int(config["sample_size"])

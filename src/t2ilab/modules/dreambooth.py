@@ -41,8 +41,7 @@ class TextToImageModule(DiffusionModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # Lightning puts the whole module in train mode; frozen parts must stay in eval mode.
-        self.vae.eval()
+        # Frozen parts stay in eval mode (the VAE: DiffusionModule.train).
         if not self.train_text_encoder:
             self.text_encoder.eval()
         if not self.train_unet:

@@ -45,8 +45,7 @@ class PixArtModule(DiffusionModule):
         return self.transformer
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.vae.eval()
+        super().train(mode)  # the VAE stays in eval mode (DiffusionModule.train)
         self.text_encoder.eval()
         return self
 
