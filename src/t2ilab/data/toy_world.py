@@ -27,7 +27,32 @@ CAPTION_KINDS = ("dense", "class", "mixed", "partial")
 PARTIAL_DENSE, PARTIAL_CLASS = 0.25, 0.25
 
 
-class ToyWorldTextImages(Dataset):
+class ToyWorldScenes(Dataset):
+    """Example i of epoch e is scene (seed, e * size + i) at `resolution`: new scenes every
+    epoch, the same ones after a resume."""
+
+    def __init__(self, size: int, seed: int, resolution: int, shapes: tuple[str, ...] = SHAPES):
+        self.size, self.seed, self.resolution = int(size), int(seed), resolution
+        self.shapes = tuple(shapes)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_index(self, index: int) -> int:
+        return self.epoch * self.size + int(index)
+
+    def scene(self, global_index: int):
+        return scene_at(self.seed, global_index, shapes=self.shapes)
+
+    def pixels(self, scene) -> torch.Tensor:
+        return image_to_tensor(render(scene, self.resolution))
+
+
+class ToyWorldTextImages(ToyWorldScenes):
     """(render, tokenized caption) pairs; `caption` dense, class-only, mixed (each example
     dense or class with equal odds) or partial (dense, class-only or a random subset of the
     attributes); "" with probability `caption_dropout` (for CFG)."""
@@ -42,17 +67,9 @@ class ToyWorldTextImages(Dataset):
         caption_dropout: float = 0.0,
         shapes: tuple[str, ...] = SHAPES,
     ):
-        self.tokenizer, self.size, self.seed = tokenizer, int(size), int(seed)
-        self.resolution, self.caption, self.caption_dropout = resolution, caption, caption_dropout
-        self.shapes = tuple(shapes)
-        self.epoch = 0
+        super().__init__(size, seed, resolution, shapes)
+        self.tokenizer, self.caption, self.caption_dropout = tokenizer, caption, caption_dropout
         self.empty_ids = tokenize(tokenizer, "")
-
-    def __len__(self) -> int:
-        return self.size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def caption_for(self, scene, rng: random.Random) -> str:
         kind = self.caption
@@ -70,39 +87,23 @@ class ToyWorldTextImages(Dataset):
         return dense_caption(scene) if kind == "dense" else class_caption(scene)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        global_index = self.epoch * self.size + int(index)
-        scene = scene_at(self.seed, global_index, shapes=self.shapes)
+        global_index = self.global_index(index)
+        scene = self.scene(global_index)
         rng = random.Random(f"{self.seed}/{global_index}")  # caption choices, per example
         drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         ids = self.empty_ids if drop else tokenize(self.tokenizer, self.caption_for(scene, rng))
-        return {
-            "pixel_values": image_to_tensor(render(scene, self.resolution)),
-            "input_ids": ids,
-        }
+        return {"pixel_values": self.pixels(scene), "input_ids": ids}
 
 
-class ToyWorldClassImages(Dataset):
+class ToyWorldClassImages(ToyWorldScenes):
     """(render, shape id) pairs for class-conditional training (PixArt's stage 1 on the toy
     world: the shape is the class, as ImageNet's label is for the real stage 1); the same
     scenes, epoch by epoch, as ToyWorldTextImages with the same seed."""
 
-    def __init__(self, size: int, seed: int, resolution: int, shapes: tuple[str, ...] = SHAPES):
-        self.size, self.seed, self.resolution = int(size), int(seed), resolution
-        self.shapes = tuple(shapes)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        scene = scene_at(self.seed, self.epoch * self.size + int(index), shapes=self.shapes)
-        return {
-            "pixel_values": image_to_tensor(render(scene, self.resolution)),
-            "class_labels": torch.tensor(self.shapes.index(scene.shape)),
-        }
+        scene = self.scene(self.global_index(index))
+        label = torch.tensor(self.shapes.index(scene.shape))
+        return {"pixel_values": self.pixels(scene), "class_labels": label}
 
 
 class ToyWorldDataModule(L.LightningDataModule):
@@ -188,10 +189,6 @@ class ToyWorldClassDataModule(ToyWorldDataModule):
     stage 1). `classes` and `id2label` are what train.py checks and the export records."""
 
     collate = staticmethod(collate_classes)
-
-    def check(self) -> None:
-        self.caption = "class"  # no captions here; the label plays the class caption's part
-        super().check()
 
     @property
     def classes(self) -> list[str]:

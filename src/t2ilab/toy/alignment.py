@@ -123,17 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    from t2ilab.errors import UserError
-
     if not (args.export / "model_index.json").is_file():
         raise SystemExit(f"error: {args.export} is not a pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(args.export)
     pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
     pipe.set_progress_bar_config(disable=True)
-    try:
-        metrics, images, asked = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    metrics, images, asked = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
     if args.grid:
         save_grid(images, asked, args.grid)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))

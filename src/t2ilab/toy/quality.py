@@ -268,12 +268,20 @@ def read_colors(image: Image.Image) -> tuple[str, str]:
     """(background colour, object colour) of a 64 px render-like image read from its pixels:
     the median of the four 6x6 corners, and of the central 8x8 patch. Exact on renders of a
     large centred object on a plain background; no model involved."""
-    array = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
-    corners = np.concatenate(
-        [array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]]
-    ).reshape(-1, 3)
+    array = _pixels(image)
     centre = array[28:36, 28:36].reshape(-1, 3)
-    return nearest_color(np.median(corners, 0)), nearest_color(np.median(centre, 0))
+    return nearest_color(_corner_colour(array)), nearest_color(np.median(centre, 0))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """The image as float RGB at the 64 px the readers measure in."""
+    return np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
+
+
+def _corner_colour(array: np.ndarray) -> np.ndarray:
+    """The median RGB of the four 6x6 corners: the background, on toy renders."""
+    corners = np.concatenate([array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]])
+    return np.median(corners.reshape(-1, 3), 0)
 
 
 def sd_color_scenes(seed: int = EVAL_SEED, n: int = 32) -> list[Scene]:
@@ -336,10 +344,6 @@ def shape_of_mask(mask: np.ndarray) -> str | None:
     return max(_TEMPLATES, key=lambda shape: max(iou(t) for t in _TEMPLATES[shape]))
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
-
-
 def read_shape(image: Image.Image, background: str, color: str) -> str | None:
     """The shape of the object of colour `color` on `background` (both named by the prompt):
     a pixel is object when it is nearer the object colour than the background colour. Exact on
@@ -360,9 +364,8 @@ def read_shape_unnamed(image: Image.Image) -> str | None:
     background is the median of the four corners, the object every pixel far from it. Exact on
     renders of plain shapes on plain backgrounds."""
     array = _pixels(image)
-    corners = np.concatenate([array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]])
-    background = np.median(corners.reshape(-1, 3), 0)
-    return shape_of_mask(np.sqrt(((array - background) ** 2).sum(-1)) > OBJECT_DISTANCE)
+    distance = np.sqrt(((array - _corner_colour(array)) ** 2).sum(-1))
+    return shape_of_mask(distance > OBJECT_DISTANCE)
 
 
 def batched_images(call, items: list, batch_size: int = 32) -> list[Image.Image]:
