@@ -9,9 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -24,11 +22,15 @@ from t2ilab.analysis import plots
 from t2ilab.analysis.anova import (
     TABLE_COLUMNS,
     fit_anova,
+    heatmap_input,
+    level_means,
     load_wandb_runs,
     main,
+    report_markdown,
     select_terms,
 )
 from t2ilab.analysis.collect import load_results
+from t2ilab.cli import png_is_ours
 from t2ilab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +329,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
 def assert_one_line_error(rc: int, err: str, match: str):
     assert rc == 2
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = [line for line in err.splitlines() if line.startswith("t2ilab: error:")]
     assert len(lines) == 1 and match in lines[0], err
 
 
@@ -424,6 +426,137 @@ def test_heatmap_grid_means_and_missing_cells(planted):
     assert plots.find_position_pair([f"factor.{ACT}"]) is None
 
 
+def _cell_sweep(root: Path, cell_means: dict[tuple[str, str], float], seeds=(0, 1)):
+    """A 2-factor sweep (input x output position), each cell's runs at `cell_means` +- 1e-7."""
+    i = 0
+    for (inp, out), mean in cell_means.items():
+        for seed in seeds:
+            factors = {IN: inp, OUT: out, "seed": seed}
+            write_run(root, i, factors, {"dino": mean + (1e-7 if seed else -1e-7)})
+            i += 1
+    return root
+
+
+def _heatmap_of(root: Path):
+    df = load_results(root)
+    result = fit_anova(df, "dino")
+    heat = heatmap_input(df, result)
+    figure = plots.heatmap_figure(
+        heat.frame, result.metric_column, heat.row, heat.col, heat.notes, heat.levels
+    )
+    figure.canvas.draw()  # tick labels are made at draw time
+    return result, figure
+
+
+# cell means of a 2 x 2 sweep that differ in the 4th decimal, and (the issue's) in the 5th
+FOURTH_DECIMAL = {("a", "p"): 0.8219, ("a", "q"): 0.8221, ("b", "p"): 0.8224, ("b", "q"): 0.8226}
+FIFTH_DECIMAL = {
+    ("a", "p"): 0.821901,
+    ("a", "q"): 0.821912,
+    ("b", "p"): 0.821925,
+    ("b", "q"): 0.821934,
+}
+
+
+def test_heatmap_labels_tell_close_means_apart(tmp_path):
+    """The issue: every cell read "0.822". Means that differ in the 4th decimal read apart."""
+    _, figure = _heatmap_of(_cell_sweep(tmp_path, FOURTH_DECIMAL))
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    assert len(labels) == 4 and len(set(labels)) == 4, labels
+    for label, mean in zip(labels, FOURTH_DECIMAL.values(), strict=True):
+        assert float(label) == pytest.approx(mean, abs=5e-5)
+
+
+def test_level_means_table_tells_close_levels_apart(tmp_path):
+    result = fit_anova(load_results(_cell_sweep(tmp_path, FIFTH_DECIMAL)), "dino")
+    md = report_markdown(result)
+    table = md.split("## Level means")[1]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith(f"| {IN} ")]
+    means = {row[2].strip(): row[4].strip() for row in rows}
+    assert set(means) == {"a", "b"} and means["a"] != means["b"], means  # 0.8219065, 0.8219295
+
+
+def test_heatmap_colourbar_ticks_are_plain_values(tmp_path):
+    """Means 1e-5 apart: matplotlib's default colourbar shows `1e-5+8.219e-1` and ticks 0..3.5;
+    the ticks must be the values themselves."""
+    _, figure = _heatmap_of(_cell_sweep(tmp_path, FIFTH_DECIMAL))
+    colourbar = figure.axes[1]
+    assert colourbar.yaxis.get_offset_text().get_text() == ""
+    ticks = [float(t.get_text()) for t in colourbar.get_yticklabels() if t.get_text()]
+    assert ticks and all(0.8218 < t < 0.8220 for t in ticks), ticks
+    assert len(set(ticks)) == len(ticks)
+    assert figure.axes[0].get_title().startswith("mean dino")
+    assert colourbar.get_ylabel() == "mean dino"
+    # the box plots' metric axis too
+    result = fit_anova(load_results(tmp_path), "dino")
+    box = plots.box_figure(result.data, result.metric_column, f"factor.{IN}")
+    box.canvas.draw()
+    assert box.axes[0].yaxis.get_offset_text().get_text() == ""
+
+
+def test_missing_cells_are_hatched_and_explained(tmp_path):
+    """Skipped, failed and never-run cells are hatched, say which they are, and the legend
+    says what the hatching means; a level only skipped runs have still gets its row."""
+    i = 0
+    for inp, out in [("a", "p"), ("a", "q"), ("a", "r"), ("b", "p"), ("b", "q")]:
+        for seed in (0, 1):
+            y = 0.5 + 0.1 * (inp == "b") + 0.01 * seed
+            write_run(tmp_path, i, {IN: inp, OUT: out, "seed": seed}, {"dino": y})
+            i += 1
+    write_run(tmp_path, i, {IN: "c", OUT: "p", "seed": 0}, {}, status="skipped", reason="x")
+    write_run(tmp_path, i + 1, {IN: "c", OUT: "q", "seed": 0}, {}, status="failed", reason="y")
+    # (b, r) and (c, r) were never run
+
+    _, figure = _heatmap_of(tmp_path)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    hatched = [patch for patch in ax.patches if patch.get_hatch()]
+    assert len(hatched) == 4
+    notes = sorted(t.get_text() for t in ax.texts if not t.get_text()[0].isdigit())
+    assert notes == ["failed", "n/a", "n/a", "skipped"]
+    (legend,) = figure.legends
+    text = legend.get_texts()[0].get_text()
+    assert "hatched" in text and all(word in text for word in ("skipped", "failed", "n/a"))
+
+    assert main([str(tmp_path), "--metric", "dino", "--no-plots"]) == 0
+    grid = pd.read_csv(tmp_path / "heatmap.csv", index_col=0)
+    assert list(grid.index) == ["a", "b", "c"] and grid.loc["c"].isna().all()
+
+
+def test_null_factor_reads_model_default(tmp_path):
+    """results.json's null (the model's own schedule) is "model default" in the tables, the
+    box plots and the heatmap, never None or nan."""
+    i = 0
+    for beta, prediction in itertools.product((None, "sigmoid"), (None, "v_prediction")):
+        for seed in (0, 1):
+            factors = {
+                "noise.beta_schedule": beta,
+                "noise.prediction_type": prediction,
+                "seed": seed,
+            }
+            y = 0.5 + 0.1 * (beta is None) + 0.02 * (prediction is None) + 0.001 * seed
+            write_run(tmp_path, i, factors, {"dino": y})
+            i += 1
+    df = load_results(tmp_path)
+    result = fit_anova(df, "dino")
+
+    levels = level_means(result)
+    assert set(levels["level"]) == {"model default", "sigmoid", "v_prediction"}
+    md = report_markdown(result)
+    assert "model default" in md
+    box = plots.box_figure(result.data, result.metric_column, "factor.noise.beta_schedule")
+    box.canvas.draw()
+    assert [t.get_text() for t in box.axes[0].get_xticklabels()] == ["model default", "sigmoid"]
+    heat = heatmap_input(df, result, ["noise.beta_schedule", "noise.prediction_type"])
+    figure = plots.heatmap_figure(heat.frame, result.metric_column, heat.row, heat.col)
+    figure.canvas.draw()
+    ticks = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    ticks += [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert ticks == ["model default", "sigmoid", "model default", "v_prediction"]
+    for text in (md, levels.to_csv(), *ticks):
+        assert "None" not in text and "nan" not in text.lower()
+
+
 def test_plots_without_matplotlib_fail_clearly(planted, monkeypatch, tmp_path):
     root, _ = planted
     result = fit_anova(load_results(root), "dino")
@@ -432,45 +565,6 @@ def test_plots_without_matplotlib_fail_clearly(planted, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(plots.PlottingUnavailable, match="pip install matplotlib"):
         plots.box_plots(result.data, result.metric_column, result.factors, tmp_path)
-
-
-def _fake_matplotlib() -> dict[str, types.ModuleType]:
-    """Just enough of matplotlib for plots.py: Figure.savefig writes a real PNG (with PIL)
-    and every axes call is recorded."""
-    from PIL import Image
-
-    class Figure:
-        instances: list = []
-
-        def __init__(self, figsize=None, layout=None):
-            self.figsize, self.axes = figsize, mock.MagicMock()
-            Figure.instances.append(self)
-
-        def add_subplot(self):
-            return self.axes
-
-        def colorbar(self, *args, **kwargs):
-            pass
-
-        def savefig(self, fname, format=None, dpi=None):
-            assert format == "png"
-            width, height = (int(v * dpi) for v in self.figsize)
-            Image.new("RGB", (width, height), "white").save(fname, format="PNG")
-
-    root = types.ModuleType("matplotlib")
-    root.colormaps = mock.MagicMock()
-    figure = types.ModuleType("matplotlib.figure")
-    figure.Figure = Figure
-    backends = types.ModuleType("matplotlib.backends")
-    agg = types.ModuleType("matplotlib.backends.backend_agg")
-    agg.FigureCanvasAgg = mock.MagicMock()
-    root.figure, root.backends, backends.backend_agg = figure, backends, agg
-    return {
-        "matplotlib": root,
-        "matplotlib.figure": figure,
-        "matplotlib.backends": backends,
-        "matplotlib.backends.backend_agg": agg,
-    }
 
 
 def _assert_png(path: Path):
@@ -482,28 +576,29 @@ def _assert_png(path: Path):
         image.verify()
 
 
-def test_plot_files_written_with_a_stand_in_matplotlib(planted, monkeypatch, tmp_path):
-    """Runs plots.py's own logic on this matplotlib-less machine: files, names, heatmap data."""
+def test_plot_files_written_and_what_they_show(planted, tmp_path):
+    """plots.py's own logic: file names, every model run in the boxes, the missing cell left
+    out of the colours, PNGs renamed into place and marked as the tool's."""
     root, _ = planted
     result = fit_anova(load_results(root), "dino")
-    fake = _fake_matplotlib()
-    for name, module in fake.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    figure_cls = fake["matplotlib.figure"].Figure
 
     boxes = plots.box_plots(result.data, result.metric_column, result.factors, tmp_path)
     assert sorted(p.name for p in boxes) == sorted(f"box_{f}.png" for f in (IN, OUT, ACT))
-    box_axes = figure_cls.instances[-1].axes
-    (groups,), _ = box_axes.boxplot.call_args
-    assert sum(len(g) for g in groups) == result.n_used
+    box_axes = plots.box_figure(result.data, result.metric_column, f"factor.{IN}").axes[0]
+    points = sum(len(c.get_offsets()) for c in box_axes.collections)
+    assert points == result.n_used  # one dot per run
+    figure = plots.heatmap_figure(
+        result.data, result.metric_column, f"factor.{IN}", f"factor.{OUT}"
+    )
+    (shown,) = figure.axes[0].images
+    assert shown.get_array().mask.sum() == 1 and shown.get_array().mask[2, 2]  # (up, up)
     heat = plots.heatmap(
         result.data, result.metric_column, f"factor.{IN}", f"factor.{OUT}", tmp_path
     )
     assert heat.name == "heatmap.png"
-    (shown,), _ = figure_cls.instances[-1].axes.imshow.call_args
-    assert shown.mask.sum() == 1 and shown.mask[2, 2]  # (up, up): an empty cell
     for path in [*boxes, heat]:
         _assert_png(path)
+        assert png_is_ours(path)
     assert not list(tmp_path.glob(".*.tmp"))  # temp files renamed into place
 
 

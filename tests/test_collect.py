@@ -186,11 +186,11 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, capsys):
     empty.mkdir()
     assert main([str(empty)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no results.json") and err.count("\n") == 1
+    assert err.startswith("t2ilab: error: no results.json") and err.count("\n") == 1
     assert "Traceback" not in err
 
     assert main([str(tmp_path / "missing")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
     with pytest.raises(UserError, match="no results.json"):
         load_results(empty)
@@ -200,7 +200,9 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, capsys):
     (empty / "0" / "results.json").write_text("[1, 2]")
     assert main([str(empty)]) == 2
     err = capsys.readouterr().err
-    assert "warning: skipping" in err and "error: none of the 1 results.json" in err
+    # one line that names the broken file, no warning repeating it
+    assert err.startswith("t2ilab: error: none of the 1 results.json") and err.count("\n") == 1
+    assert str(empty / "0" / "results.json") in err
 
 
 def test_cli_subprocess(sweep: Path):
@@ -226,7 +228,7 @@ def test_cli_subprocess(sweep: Path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("t2ilab: error:") and "Traceback" not in proc.stderr
 
 
 def test_group_means_average_over_subjects(tmp_path):
@@ -256,3 +258,76 @@ def test_group_means_average_over_subjects(tmp_path):
     assert table.loc["b", "metric.dino.mean"] == pytest.approx(0.8)
     assert table.loc["b", "metric.dino.std"] == pytest.approx(((0.2**2) * 2) ** 0.5)  # sample std
     assert list(table["runs"]) == [2, 2]
+
+
+def _uniform_sweep(root: Path) -> Path:
+    """Four runs that differ only in seed and method.lr; everything else is the same."""
+    data_dir = "/home/someone/datasets/dreambooth/dataset/dog"
+    for i, (seed, lr) in enumerate([(0, 1e-4), (0, 1e-5), (1, 1e-4), (1, 1e-5)]):
+        run = root / str(i)
+        run.mkdir(parents=True)
+        results = {
+            "experiment": "dreambooth",
+            "status": "ok",
+            "reason": None,
+            "factors": {
+                "model.name": "toy_sd",
+                "seed": seed,
+                "method.lr": lr,
+                "data.instance_dir": data_dir,
+                "noise.beta_schedule": None,
+            },
+            "metrics": {"dino": 0.5 + i * i / 100, "clip_t": 0.3},
+            "steps": 100,
+            "wall_time_s": 10.0 + i,
+        }
+        (run / "results.json").write_text(json.dumps(results))
+    return root
+
+
+def test_markdown_lists_what_is_the_same_in_every_run_once(tmp_path, capsys):
+    sweep = _uniform_sweep(tmp_path / "sweep")
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    md = (sweep / "results.md").read_text()
+    same, empty, table = md.strip().split("\n\n")
+    header = table.splitlines()[0]
+    assert same == (
+        "Same in every run: experiment=dreambooth, status=ok, steps=100, model.name=toy_sd, "
+        "data.instance_dir=.../dreambooth/dataset/dog, metric.clip_t=0.3"
+    )
+    assert empty.startswith("Empty in every run: reason, noise.beta_schedule")
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == [
+        "run_dir",
+        "wall_time_s",
+        "factor.seed",
+        "factor.method.lr",
+        "metric.dino",
+    ]
+    assert md.strip() in printed
+    # the CSV, for machines, keeps every column
+    csv = pd.read_csv(sweep / "results.csv")
+    assert {"factor.model.name", "factor.data.instance_dir", "metric.clip_t", "reason"} <= set(
+        csv.columns
+    )
+    assert set(csv["factor.data.instance_dir"]) == {"/home/someone/datasets/dreambooth/dataset/dog"}
+    # one run has no "same in every run": its table keeps every column
+    assert main([str(sweep / "0")]) == 0
+    assert (sweep / "0" / "results.md").read_text().startswith("| run_dir | experiment")
+
+
+def test_group_by_table_lists_what_is_the_same_in_every_group(tmp_path, capsys):
+    sweep = _uniform_sweep(tmp_path / "sweep")
+    assert main([str(sweep), "--group-by", "method.lr"]) == 0
+    printed = capsys.readouterr().out
+    grouped = printed.split("-> ")[1]  # after the run table's summary line
+    assert "Same in every group: runs=2, metric.clip_t.mean=0.3, metric.clip_t.std=0" in grouped
+    header = next(line for line in grouped.splitlines() if line.startswith("| factor.method.lr"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "factor.method.lr",
+        "metric.dino.mean",
+        "metric.dino.std",
+    ]
+    csv = pd.read_csv(sweep / "results_by_method_lr.csv")
+    assert {"runs", "metric.clip_t.mean", "metric.clip_t.std"} <= set(csv.columns)

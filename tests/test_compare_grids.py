@@ -54,3 +54,24 @@ def test_a_factor_one_run_did_not_set_still_labels_both(tmp_path):
     from t2ilab.analysis.compare_grids import varying_factors
 
     assert varying_factors(load_results(tmp_path)) == ["factor.method.prior"]
+
+
+def test_labels_name_the_factors_or_leave_the_names_to_the_title(tmp_path):
+    """Wide panels read `input_position=SA_in, ...`; panels too narrow for that show the
+    values alone and the title names the factors once (no label cut mid-name)."""
+    from PIL import ImageDraw
+
+    from t2ilab.analysis.compare_grids import _panel_labels
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names = ["input_position", "output_position"]
+    values = [["SA_in", "FFN_in"], ["CA_in", "Trans_out"]]
+    labels, note = _panel_labels(draw, names, values, 400)
+    assert labels == [
+        "input_position=SA_in, output_position=FFN_in",
+        "input_position=CA_in, output_position=Trans_out",
+    ]
+    assert note == ""
+    labels, note = _panel_labels(draw, names, values, 60)
+    assert labels == ["SA_in, FFN_in", "CA_in, Trans_out"]
+    assert note == "; labels: input_position, output_position"

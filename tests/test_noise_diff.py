@@ -14,7 +14,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from t2ilab.analysis.noise_diff import main, noise_difference_maps, save_difference_grid
+from t2ilab.analysis.noise_diff import (
+    difference_figure,
+    main,
+    noise_difference_maps,
+    save_difference_figure,
+)
+from t2ilab.cli import png_is_ours
 from t2ilab.data.images import ImageTransform
 from t2ilab.errors import UserError
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
@@ -143,23 +149,31 @@ def test_bad_timesteps_and_no_images(tiny):
         noise_difference_maps(**tiny, images=[], prompt_a=A, prompt_b=B)
 
 
-def test_grid_png_size_and_normalisation(tiny, tmp_path):
+def test_figure_reads_without_the_terminal(tiny, tmp_path):
+    """One row per image, a column per timestep titled with t and its mean, one colour scale
+    from 0 to the largest difference, a labelled colourbar, the prompts in the title."""
     maps = _maps(tiny)
-    path = save_difference_grid(maps, _images(), tmp_path / "sub" / "grid.png")
-    assert path == tmp_path / "sub" / "grid.png" and path.is_file()
-    with Image.open(path) as grid:
-        assert grid.size == ((len(TIMESTEPS) + 1) * RES, 2 * RES)
-        cells = torch.tensor(list(grid.convert("L").getdata())).view(2 * RES, -1)
-    heat = cells[:, RES:]  # the map columns
-    assert heat.max() == 255  # white = the largest difference in the grid
-    labelled = save_difference_grid(maps, _images(), tmp_path / "l.png", timesteps=TIMESTEPS)
-    with Image.open(labelled) as grid:
-        assert grid.size == ((len(TIMESTEPS) + 1) * RES, 2 * RES + 14)
-    zero = save_difference_grid(torch.zeros_like(maps), _images(), tmp_path / "zero.png")
-    with Image.open(zero) as grid:
-        assert grid.convert("L").crop((RES, 0, grid.width, grid.height)).getextrema() == (0, 0)
+    figure = difference_figure(maps, _images(), TIMESTEPS, (A, B))
+    figure.canvas.draw()
+    *cells, colourbar = figure.axes
+    assert len(cells) == 2 * (len(TIMESTEPS) + 1)
+    titles = [ax.get_title() for ax in cells[: len(TIMESTEPS) + 1]]
+    assert titles[0] == "image"
+    for title, t, j in zip(titles[1:], TIMESTEPS, range(len(TIMESTEPS)), strict=True):
+        assert title == f"t={t}\nmean {float(maps[:, j].mean()):.3g}"
+    map_images = [ax.images[0] for k, ax in enumerate(cells) if k % (len(TIMESTEPS) + 1)]
+    assert len(map_images) == 2 * len(TIMESTEPS)
+    assert all(im.get_clim() == (0.0, pytest.approx(float(maps.max()))) for im in map_images)
+    assert "|eps_A - eps_B|" in colourbar.get_ylabel()
+    assert colourbar.yaxis.get_offset_text().get_text() == ""
+    assert A in figure.get_suptitle() and B in figure.get_suptitle()
+
+    path = save_difference_figure(maps, _images(), tmp_path / "sub" / "maps.png", TIMESTEPS)
+    assert path == tmp_path / "sub" / "maps.png" and png_is_ours(path)
+    zero = difference_figure(torch.zeros_like(maps), _images(), TIMESTEPS)
+    assert zero.axes[1].images[0].get_clim() == (0.0, 1.0)  # an all-zero figure stays black
     with pytest.raises(ValueError, match="N = len"):
-        save_difference_grid(maps, _images()[:1], tmp_path / "bad.png")
+        difference_figure(maps, _images()[:1], TIMESTEPS)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -185,9 +199,9 @@ def test_cli_writes_the_grid(saved, tmp_path, capsys):
     args = ["--pipeline", str(saved / "pipeline"), "--images", str(saved / "images")]
     args += ["--prompt-a", A, "--prompt-b", B, "--timesteps", "100", "900", "--out", str(out)]
     assert main(args) == 0
-    with Image.open(out) as grid:
-        assert grid.size == (3 * RES, 2 * RES + 14)
+    assert png_is_ours(out)
     assert "2 images x 2 timesteps" in capsys.readouterr().out
+    assert main(args) == 0  # a rerun replaces its own figure
 
 
 def test_cli_logs_the_grid_to_wandb_offline(saved, tmp_path, monkeypatch):
@@ -233,4 +247,5 @@ def test_cli_as_a_module_missing_folder(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --pipeline")
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("t2ilab: error: --pipeline")

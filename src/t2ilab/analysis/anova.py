@@ -44,13 +44,22 @@ from t2ilab.analysis.collect import (
     BASE_COLUMNS,
     FACTOR_PREFIX,
     METRIC_PREFIX,
-    UnreadableResults,
     _cell,
     _metric_sort_key,
     _write_atomic,
-    load_results,
+    load_results_and_warn,
+    results_root,
     summary,
     to_markdown,
+)
+from t2ilab.cli import (
+    ArgumentParser,
+    check_output,
+    first_line,
+    one_line_errors,
+    png_is_ours,
+    print_warning,
+    text_starts_with,
 )
 from t2ilab.errors import UserError
 
@@ -60,7 +69,8 @@ RESIDUAL = "Residual"
 SEED_KEYS = ("seed",)
 # W&B run states -> results.json statuses; any other state (running, pending) counts as skipped.
 WANDB_STATES = {"finished": "ok", "failed": "failed", "crashed": "failed", "killed": "failed"}
-NONE_LEVEL = "None"
+# A null factor in results.json (noise.beta_schedule: null, ...) means the model's own value.
+NONE_LEVEL = "model default"
 
 
 @dataclass
@@ -93,9 +103,10 @@ class AnovaResult:
 # --------------------------------------------------------------------------------- names
 
 
-def factor_column(name: str, df: pd.DataFrame) -> str:
+def factor_column(name: str, df: pd.DataFrame, option: str = "--factors") -> str:
     """`adapter.input_position` or `factor.adapter.input_position` -> the table column; a base
-    column such as `experiment` (the W&B group) works too."""
+    column such as `experiment` (the W&B group) works too. `option`: what the user typed it
+    after, for the error."""
     for candidate in (name, FACTOR_PREFIX + name):
         if candidate.startswith(FACTOR_PREFIX) and candidate in df.columns:
             return candidate
@@ -103,8 +114,12 @@ def factor_column(name: str, df: pd.DataFrame) -> str:
         return name  # the experiment (the W&B group) as a factor
     known = [c[len(FACTOR_PREFIX) :] for c in df.columns if c.startswith(FACTOR_PREFIX)]
     raise UserError(
-        f"--factors {name}: no such factor in the runs; known factors: "
-        + (", ".join(known) or "none (results.json 'factors' are empty)")
+        f"{option} {name}: no such factor in the runs: "
+        + (
+            f"use one of {', '.join(known)}"
+            if known
+            else "the runs record no factors (their results.json 'factors' are empty)"
+        )
     )
 
 
@@ -115,10 +130,14 @@ def metric_column(name: str, df: pd.DataFrame) -> str:
             (c for c in df.columns if c.startswith(METRIC_PREFIX) and df[c].notna().any()),
             key=_metric_sort_key,
         )
-        names = ", ".join(c[len(METRIC_PREFIX) :] for c in known) or "none"
+        names = ", ".join(c[len(METRIC_PREFIX) :] for c in known)
         raise UserError(
-            f"metric {column[len(METRIC_PREFIX) :]!r} is missing in all {len(df)} runs; "
-            f"metrics found: {names}"
+            f"--metric {column[len(METRIC_PREFIX) :]} is missing in all {len(df)} runs: "
+            + (
+                f"use one of {names}"
+                if names
+                else "no run recorded any metric (did evaluation run? see each run's reason)"
+            )
         )
     return column
 
@@ -149,12 +168,15 @@ def _label(value: Any) -> str:
 
 
 def level_order(labels: Iterable[str]) -> list[str]:
-    """Numeric levels ascending (1e-5 < 1e-4); anything else in first-seen (sweep) order."""
+    """The model's default first, then numeric levels ascending (1e-5 < 1e-4), anything else
+    in first-seen (sweep) order."""
     seen = list(dict.fromkeys(labels))
+    default = [NONE_LEVEL] if NONE_LEVEL in seen else []
+    rest = [level for level in seen if level != NONE_LEVEL]
     try:
-        return sorted(seen, key=float)
+        return default + sorted(rest, key=float)
     except ValueError:
-        return seen
+        return default + rest
 
 
 def _levels(series: pd.Series) -> pd.Series:
@@ -266,13 +288,18 @@ def fit_anova(
     if df.empty:
         raise UserError("no results: the table has no runs")
     status_counts = df["status"].fillna("unknown").astype(str).value_counts().to_dict()
-    column = metric_column(metric, df)
     ok = df[df["status"] == "ok"]
+    if ok.empty:
+        raise UserError(
+            f"no ok run to analyse, all {len(df)} failed or were skipped ({summary(df)}): see "
+            "each run's reason with python -m t2ilab.analysis.collect, fix it and re-run"
+        )
+    column = metric_column(metric, df)
     used = ok[ok[column].notna() & np.isfinite(ok[column].astype(float))]
     if used.empty:
         raise UserError(
-            f"no ok run has {short(column)!r}: {summary(df)}; "
-            "see the 'reason' of the failed runs (python -m t2ilab.analysis.collect)"
+            f"no ok run has {short(column)!r} ({summary(df)}): the runs that have it failed; "
+            "see each run's reason with python -m t2ilab.analysis.collect"
         )
 
     ignored: list[tuple[str, str]] = []
@@ -291,8 +318,9 @@ def fit_anova(
     if not chosen:
         why = "; ".join(f"{f}: {r}" for f, r in ignored)
         raise UserError(
-            f"no factor has 2 or more levels among the {len(used)} ok runs with "
-            f"{short(column)!r}" + (f" ({why})" if why else "") + "; nothing to compare"
+            f"the ANOVA cannot be fitted: no factor has 2 or more levels among the {len(used)} "
+            f"ok runs with {short(column)!r}" + (f" ({why})" if why else "") + ": point at a "
+            "sweep that varies a factor, or name one that varies with --factors"
         )
 
     data = pd.DataFrame({c: _levels(used[c]).to_numpy() for c in chosen}, index=used.index)
@@ -377,6 +405,24 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def distinct_decimals(values: np.ndarray, min_digits: int = 3, max_digits: int = 8) -> int:
+    """Decimals that give distinct values distinct labels: as many significant digits (of the
+    largest value) as it takes, from `min_digits` up to `max_digits`."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return min_digits
+    largest = float(np.abs(finite).max())
+    magnitude = int(np.floor(np.log10(largest))) if largest > 0 else 0
+    # means that differ only by float rounding are one value
+    distinct = np.unique(np.array([float(f"{v:.12g}") for v in finite]))
+    decimals = 0
+    for digits in range(min_digits, max_digits + 1):
+        decimals = max(0, digits - 1 - magnitude)
+        if len({f"{v:.{decimals}f}" for v in distinct}) == len(distinct):
+            break
+    return decimals
+
+
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """The ANOVA table as strings for reading (the CSV keeps full precision)."""
     return pd.DataFrame(
@@ -422,7 +468,9 @@ def report_markdown(result: AnovaResult, source: str | None = None) -> str:
         "",
     ]
     means = level_means(result)
-    means["mean"] = means["mean"].map(lambda v: _fmt(v, ".4g"))
+    # as many digits as tell the levels apart (0.8219 vs 0.8221, not 0.822 twice)
+    decimals = distinct_decimals(means["mean"].to_numpy(float))
+    means["mean"] = means["mean"].map(lambda v: _fmt(v, f".{decimals}f"))
     means["std"] = means["std"].map(lambda v: _fmt(v, ".4g"))
     means["n"] = means["n"].map(str)
     lines.append(to_markdown(means))
@@ -581,7 +629,7 @@ def log_to_wandb(
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m t2ilab.analysis.anova",
         description="Type-II ANOVA of a metric over the runs of a sweep (results.json files "
         "or W&B runs): which factors matter, how much (F, p, partial eta squared).",
@@ -633,30 +681,62 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _out_folder(args: argparse.Namespace) -> Path:
+    """The report folder: --out, else the sweep folder (else . for --wandb)."""
+    if args.out is not None:
+        out = args.out.expanduser()
+    elif args.dir is not None:
+        out = results_root(args.dir)
+    else:
+        out = Path(".")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder for the report (made if missing)")
+    return out
+
+
 def _load(args: argparse.Namespace, api: Any) -> tuple[pd.DataFrame, str]:
     if args.wandb:
         if args.wandb.count("/") != 1 or not all(args.wandb.split("/")):
             raise UserError(f"--wandb {args.wandb}: expected ENTITY/PROJECT")
         source = f"wandb:{args.wandb}" + (f" group {', '.join(args.group)}" if args.group else "")
         return load_wandb_runs(args.wandb, args.group, api=api), source
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnreadableResults)
-        df = load_results(args.dir.expanduser())
-    for w in caught:
-        if issubclass(w.category, UnreadableResults):
-            print(f"warning: {w.message}", file=sys.stderr)
+    df, _ = load_results_and_warn(args.dir)
     return df, str(args.dir)
 
 
-def _heatmap_frame(
-    args: argparse.Namespace, df: pd.DataFrame, result: AnovaResult
-) -> tuple[pd.DataFrame, tuple[str, str]] | None:
-    """The model's runs with the two heatmap factors as levels, or None without a pair."""
+@dataclass
+class HeatmapInput:
+    """What the heatmap shows: the model's runs with both factors as levels, every level of
+    the sweep (skipped runs' too), and why a cell has no mean ("skipped", "failed")."""
+
+    frame: pd.DataFrame
+    row: str
+    col: str
+    levels: tuple[list[str], list[str]]
+    notes: dict[tuple[str, str], str]
+
+
+def _missing_cell_notes(df: pd.DataFrame, row: str, col: str) -> dict[tuple[str, str], str]:
+    """(row level, col level) -> "skipped" or "failed" for the cells of runs that did not
+    finish; a cell with both says skipped (the configuration cannot run at all)."""
+    notes: dict[tuple[str, str], str] = {}
+    runs = df[df["status"].isin(["skipped", "failed"])]
+    for r, c, status in zip(_levels(runs[row]), _levels(runs[col]), runs["status"], strict=True):
+        if notes.get((r, c)) != "skipped":
+            notes[(r, c)] = status
+    return notes
+
+
+def heatmap_input(
+    df: pd.DataFrame, result: AnovaResult, names: Sequence[str] | None = None
+) -> HeatmapInput | None:
+    """The heatmap of factors `names` (ROW, COL), or else of an input/output position pair
+    that varies among the model's runs; None without such a pair."""
     from t2ilab.analysis.plots import find_position_pair
 
     runs = df.loc[result.data.index]
-    if args.heatmap:
-        pair = tuple(factor_column(f, df) for f in args.heatmap)
+    if names:
+        pair = tuple(factor_column(f, df, "--heatmap") for f in names)
     else:
         varying = [
             c for c in df.columns if c.startswith(FACTOR_PREFIX) and _levels(runs[c]).nunique() > 1
@@ -664,25 +744,54 @@ def _heatmap_frame(
         pair = find_position_pair(varying)
         if pair is None:
             return None
+    row, col = pair
     frame = result.data.copy()
     for column in pair:
         if column not in frame.columns:
             frame[column] = _levels(runs[column])
-    return frame, (pair[0], pair[1])
+    levels = (level_order(_levels(df[row])), level_order(_levels(df[col])))
+    return HeatmapInput(frame, row, col, levels, _missing_cell_notes(df, row, col))
+
+
+# What this tool wrote before, recognised by content, so that a rerun replaces its own report
+# and never a file of the user's that happens to have the same name.
+REPORT_FILES = {
+    "anova.md": lambda path: text_starts_with(path, "# ANOVA of "),
+    "anova.csv": lambda path: text_starts_with(path, ",".join(TABLE_COLUMNS)),
+    "levels.csv": lambda path: text_starts_with(path, "factor,level,n,mean,std"),
+    "heatmap.csv": lambda path: " \\ " in first_line(path).split(",")[0],
+}
+
+
+def _check_outputs(
+    args: argparse.Namespace, result: AnovaResult, heat: HeatmapInput | None, out: Path
+) -> None:
+    """Every file the report will write may be written (see `check_output`)."""
+    from t2ilab.analysis.plots import file_stem
+
+    planned = {name: is_ours for name, is_ours in REPORT_FILES.items()}
+    if heat is None:
+        del planned["heatmap.csv"]
+    if not args.no_plots:
+        for factor in result.factors:
+            planned[f"box_{file_stem(factor)}.png"] = png_is_ours
+        if heat is not None:
+            planned["heatmap.png"] = png_is_ours
+    for name, is_ours in planned.items():
+        check_output(out / name, "--out", is_ours)
 
 
 def _plots(
-    args: argparse.Namespace, df: pd.DataFrame, result: AnovaResult, out: Path
+    args: argparse.Namespace, result: AnovaResult, heat: HeatmapInput | None, out: Path
 ) -> tuple[list[Path], list[Path]]:
     """(data files, images) written to `out`."""
     from t2ilab.analysis import plots
 
     files: list[Path] = []
     images: list[Path] = []
-    heat = _heatmap_frame(args, df, result)
     if heat is not None:
         # the grid of means is data too: written even without matplotlib
-        grid = plots.heatmap_grid(heat[0], result.metric_column, *heat[1])
+        grid = plots.heatmap_grid(heat.frame, result.metric_column, heat.row, heat.col, heat.levels)
         label = f"{grid.index.name} \\ {grid.columns.name}"  # rows \ columns
         files.append(out / "heatmap.csv")
         _write_atomic(files[-1], grid.to_csv(index_label=label))
@@ -691,38 +800,49 @@ def _plots(
     try:
         images += plots.box_plots(result.data, result.metric_column, result.factors, out)
         if heat is not None:
-            images.append(plots.heatmap(heat[0], result.metric_column, *heat[1], out))
+            images.append(
+                plots.heatmap(
+                    heat.frame,
+                    result.metric_column,
+                    heat.row,
+                    heat.col,
+                    out,
+                    notes=heat.notes,
+                    levels=heat.levels,
+                )
+            )
     except plots.PlottingUnavailable as e:
-        print(f"warning: {e}", file=sys.stderr)
+        print_warning(e)
     return files, images
 
 
+@one_line_errors
 def main(argv: list[str] | None = None, *, api: Any = None) -> int:
     """The CLI. `api`: a stand-in for `wandb.Api()` (tests)."""
     args = _parse_args(argv)
+    out = _out_folder(args)
+    df, source = _load(args, api)
+    if args.heatmap:
+        for name in args.heatmap:
+            factor_column(name, df, "--heatmap")  # a typo fails before the fit
+    result = fit_anova(df, args.metric, args.factors, interactions=not args.no_interactions)
+    heat = heatmap_input(df, result, args.heatmap)
+    _check_outputs(args, result, heat, out)
     try:
-        df, source = _load(args, api)
-        if args.heatmap:
-            for name in args.heatmap:
-                factor_column(name, df)  # a typo fails before the fit
-        result = fit_anova(df, args.metric, args.factors, interactions=not args.no_interactions)
-        out = (args.out or (args.dir if args.dir is not None else Path("."))).expanduser()
         paths = write_reports(result, out, source)
         print(report_markdown(result, source), end="")
         sys.stdout.flush()  # the table before any plotting warning
-        files, images = _plots(args, df, result, out)
-        print(f"-> {', '.join(str(p) for p in [*paths, *files, *images])}")
-        if args.wandb_log:
-            project = args.wandb_project or args.wandb or "t2ilab"
-            group = args.group[0] if args.group and len(args.group) == 1 else None
-            run_dir = log_to_wandb(result, images, out, project=project, group=group, source=source)
-            print(f"W&B analysis run: {run_dir}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        files, images = _plots(args, result, heat, out)
     except OSError as e:
-        print(f"error: cannot write the report: {e}", file=sys.stderr)
-        return 2
+        raise UserError(
+            f"cannot write the report to {out} ({e.strerror or e}): choose a writable --out"
+        ) from e
+    print(f"-> {', '.join(str(p) for p in [*paths, *files, *images])}")
+    if args.wandb_log:
+        project = args.wandb_project or args.wandb or "t2ilab"
+        group = args.group[0] if args.group and len(args.group) == 1 else None
+        run_dir = log_to_wandb(result, images, out, project=project, group=group, source=source)
+        print(f"W&B analysis run: {run_dir}")
     return 0
 
 

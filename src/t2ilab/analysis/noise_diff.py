@@ -15,15 +15,17 @@ converted to epsilon first, so maps of different parameterisations are comparabl
         --prompt-a "a photo of sks toy" --prompt-b "a photo of toy" [--timesteps 200 500 800] \\
         [--out noise_diff.png] [--wandb-log]
 
-The grid PNG has one row per image: the (centre-cropped) source image, then one grayscale map per
-timestep. Grayscale, no colormap: 0 is black and the largest difference anywhere in the grid is
-white, one scale per grid, so brightness compares across images and timesteps of one grid but
-not across grids (the CLI prints the scale and each timestep's mean difference).
+The figure (PNG) has one row per image: the (centre-cropped) source image, then one map per
+timestep, titled with t and that timestep's mean difference. One colour scale for the whole
+figure, from 0 (black) to the largest difference anywhere in it, shown by a labelled colourbar,
+so colours compare across images and timesteps of one figure (the colourbar says how to compare
+figures); the title names the two prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -32,15 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from t2ilab.cli import ArgumentParser, check_output, one_line_errors, png_is_ours
 from t2ilab.data.images import ImageTransform, check_image_folder, list_images, load_rgb
 from t2ilab.errors import UserError
-from t2ilab.utils.atomic import save_image_atomic
-from t2ilab.utils.images import make_grid
 
 DEFAULT_TIMESTEPS = (200, 500, 800)
-LABEL_STRIP = 14  # px above the grid naming each column, when the timesteps are given
+# t2ilab.models.export.METADATA_FILE (not imported: that module loads diffusers)
+EXPORT_METADATA = "t2ilab.json"
 
 
 def _default_resolution(unet, vae) -> int:
@@ -158,56 +160,75 @@ def _source_cell(image: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(array.astype(np.uint8))
 
 
-def save_difference_grid(
+def difference_figure(
+    maps: torch.Tensor,
+    images: list[Image.Image],
+    timesteps: Sequence[int],
+    prompts: tuple[str, str] = ("prompt A", "prompt B"),
+):
+    """A figure that reads without the terminal: one row per image, the source image then
+    one map per timestep (titled t=..., with its mean), one colour scale from 0 to the largest
+    difference, a colourbar saying what the values are, the two prompts in the title."""
+    from t2ilab.analysis.plots import new_figure, plain_numbers
+
+    if maps.ndim != 4 or maps.shape[0] != len(images) or maps.shape[1] != len(timesteps):
+        raise ValueError(
+            f"maps must be (N, T, H, W) with N = len(images) = {len(images)} and T = "
+            f"len(timesteps) = {len(timesteps)}, got {tuple(maps.shape)}"
+        )
+    n, t, h, _ = maps.shape
+    peak = float(maps.max())
+    cell = 1.7  # inches per image
+    figure = new_figure(cell * (t + 1) + 1.2, cell * n + 1.0)
+    axes = figure.subplots(n, t + 1, squeeze=False)
+    shown = None
+    for i, image in enumerate(images):
+        axes[i, 0].imshow(_source_cell(image, h))
+        for j in range(t):
+            shown = axes[i, j + 1].imshow(
+                maps[i, j].numpy(), cmap="magma", vmin=0.0, vmax=peak if peak > 0 else 1.0
+            )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("image", fontsize=9)
+    for j, step in enumerate(timesteps):
+        mean = float(maps[:, j].mean())
+        axes[0, j + 1].set_title(f"t={step}\nmean {mean:.3g}", fontsize=9)
+    figure.suptitle(
+        f"noise-prediction difference |eps_A - eps_B| per pixel\n"
+        f"A: {prompts[0]!r}   B: {prompts[1]!r}",
+        fontsize=9,
+    )
+    colorbar = figure.colorbar(shown, ax=axes[:, 1:], shrink=0.9)
+    colorbar.set_label("mean |eps_A - eps_B| over latent channels", fontsize=8)
+    plain_numbers(colorbar.ax.yaxis)
+    return figure
+
+
+def save_difference_figure(
     maps: torch.Tensor,
     images: list[Image.Image],
     path: str | os.PathLike,
-    timesteps: Sequence[int] | None = None,
+    timesteps: Sequence[int],
+    prompts: tuple[str, str] = ("prompt A", "prompt B"),
 ) -> Path:
-    """A PNG grid: one row per image, the source image then one map per timestep.
+    """`difference_figure` as the PNG `path`."""
+    from t2ilab.analysis.plots import save_png
 
-    Grayscale normalised per grid: black is 0, white the grid's largest difference (an all-zero
-    grid stays black). Without `timesteps` the grid is exactly ((T + 1) * W, N * H) pixels;
-    with them a 14-px strip on top labels the columns ("image", "t=200", ...).
-    """
-    if maps.ndim != 4 or maps.shape[0] != len(images):
-        raise ValueError(
-            f"maps must be (N, T, H, W) with N = len(images) = {len(images)}, got "
-            f"{tuple(maps.shape)}"
-        )
-    n, t, h, w = maps.shape
-    if h != w:
-        raise ValueError(f"maps must be square, got {h}x{w}")
-    peak = float(maps.max())
-    scaled = maps / peak if peak > 0 else torch.zeros_like(maps)
-    gray = (scaled * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    cells = []
-    for i, image in enumerate(images):
-        cells.append(_source_cell(image, h))
-        cells += [Image.fromarray(gray[i, j], mode="L").convert("RGB") for j in range(t)]
-    grid = make_grid(cells, rows=n)
-    if timesteps is not None:
-        labelled = Image.new("RGB", (grid.width, grid.height + LABEL_STRIP), "white")
-        labelled.paste(grid, (0, LABEL_STRIP))
-        draw = ImageDraw.Draw(labelled)
-        for col, label in enumerate(["image", *(f"t={s}" for s in timesteps)]):
-            draw.text((col * w + 2, 1), label, fill="black")
-        grid = labelled
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_atomic(grid, path)
-    return path
+    figure = difference_figure(maps, images, timesteps, prompts)
+    return save_png(figure, Path(path), tool="t2ilab.analysis.noise_diff")
 
 
 # --- command line --------------------------------------------------------------------------------
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m t2ilab.analysis.noise_diff",
         description="Noise-prediction difference maps |eps(prompt A) - eps(prompt B)| of a "
-        "trained model (Xiang et al. 2023, sec. 5), as a PNG grid: rows = images, "
-        "columns = source image then timesteps.",
+        "trained model (Xiang et al. 2023, sec. 5), as a PNG figure: rows = images, "
+        "columns = source image then timesteps, with a colourbar.",
     )
     parser.add_argument(
         "--pipeline",
@@ -234,27 +255,102 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--wandb-log",
         action="store_true",
-        help="also log the grid to a W&B run (offline without an API key)",
+        help="also log the figure to a W&B run (offline without an API key)",
     )
     parser.add_argument("--wandb-project", default="t2ilab", help="W&B project (t2ilab)")
     return parser.parse_args(argv)
 
 
-def _check_inputs(args: argparse.Namespace) -> list[Path]:
-    """Everything checkable before weights load."""
-    pipeline = args.pipeline.expanduser()
-    if not pipeline.is_dir():
+# What load_export can load into a UNet pipeline: a Stable Diffusion pipeline folder.
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _read_json(path: Path, option: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(
-            f"--pipeline {args.pipeline} does not exist: pass a diffusers pipeline folder "
+            f"{option}: {path} cannot be read ({type(e).__name__}): re-export the pipeline"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{option}: {path} is not a JSON object: re-export the pipeline")
+    return data
+
+
+def _check_pipeline(pipeline: Path, option: str = "--pipeline") -> int | None:
+    """A Stable Diffusion pipeline folder or a t2ilab export, judged by its JSON files alone
+    (no weights). Returns the schedule's number of training timesteps when it says."""
+    if not pipeline.exists():
+        raise UserError(
+            f"{option} {pipeline} does not exist: pass a diffusers pipeline folder "
             "(e.g. a run's export/)"
         )
+    if not pipeline.is_dir():
+        raise UserError(
+            f"{option} {pipeline} is a file: pass the folder that holds model_index.json "
+            "(e.g. a run's export/)"
+        )
+    index = pipeline / "model_index.json"
+    if index.is_file():
+        components = _read_json(index, option)
+        missing = [c for c in SD_COMPONENTS if c not in components]
+        if missing:
+            kind = components.get("_class_name", "pipeline")
+            raise UserError(
+                f"{option} {pipeline} is a {kind} without {', '.join(missing)}: noise_diff "
+                "needs a Stable Diffusion pipeline (UNet and CLIP text encoder)"
+            )
+    elif not (pipeline / EXPORT_METADATA).is_file():
+        raise UserError(
+            f"{option} {pipeline} is not a diffusers pipeline folder (no model_index.json) nor "
+            f"a t2ilab export (no {EXPORT_METADATA}): pass a run's export/ folder"
+        )
+    scheduler = pipeline / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        return int(_read_json(scheduler, option).get("num_train_timesteps", 1000))
+    return None
+
+
+def _check_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a torch device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device: use --device cpu")
+    return name
+
+
+def _check_out(path: Path) -> Path:
+    check_output(path, "--out", png_is_ours)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--out {path}: the figure is a PNG: give a path ending in .png")
+    return path
+
+
+def _check_inputs(args: argparse.Namespace) -> list[Path]:
+    """Everything checkable before weights load; returns the image paths."""
+    num_train_timesteps = _check_pipeline(args.pipeline.expanduser())
     folder = args.images.expanduser()
-    if not folder.is_dir():
+    if not folder.exists():
         raise UserError(f"--images {args.images} does not exist: pass a folder of images")
+    if not folder.is_dir():
+        raise UserError(f"--images {args.images} is a file: pass the folder that holds images")
     if not list_images(folder):
         raise UserError(f"--images {args.images} has no images: add .jpg/.png/.webp files to it")
+    _check_out(args.out.expanduser())
+    if args.prompt_a == args.prompt_b:
+        raise UserError(
+            "--prompt-a and --prompt-b are the same, so every map would be 0: drop the "
+            'identifier from one, e.g. --prompt-a "a photo of sks dog" --prompt-b "a photo of dog"'
+        )
+    if num_train_timesteps is not None:
+        _check_timesteps(args.timesteps, num_train_timesteps)
     if args.resolution is not None and args.resolution < 8:
         raise UserError(f"--resolution {args.resolution} is too small: use e.g. 512")
+    args.device = _check_device(args.device)
     return check_image_folder(folder, "--images")  # decodes each image once
 
 
@@ -282,7 +378,10 @@ def _log_to_wandb(args: argparse.Namespace, path: Path, maps: torch.Tensor) -> N
         dir=str(path.parent),
         mode=mode,
     )
-    caption = f"|eps({args.prompt_a!r}) - eps({args.prompt_b!r})|, white = {float(maps.max()):.4g}"
+    caption = (
+        f"|eps({args.prompt_a!r}) - eps({args.prompt_b!r})|, colour scale 0 to "
+        f"{float(maps.max()):.4g}"
+    )
     row = {"noise_diff/grid": wandb.Image(str(path), caption=caption)}
     for j, t in enumerate(args.timesteps):
         row[f"noise_diff/mean_t{t}"] = float(maps[:, j].mean())
@@ -293,38 +392,41 @@ def _log_to_wandb(args: argparse.Namespace, path: Path, maps: torch.Tensor) -> N
         print(f"W&B run saved offline; upload it with: wandb sync {run_dir}", file=sys.stderr)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        paths = _check_inputs(args)
-        from t2ilab.models.export import load_export
+    paths = _check_inputs(args)
+    from t2ilab.models.export import load_export
 
-        pipe = load_export(args.pipeline.expanduser())
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe.to(device)
-        images = [load_rgb(p) for p in paths]
-        maps = noise_difference_maps(
-            pipe.unet,
-            pipe.vae,
-            pipe.text_encoder,
-            pipe.tokenizer,
-            pipe.scheduler,
-            images,
-            args.prompt_a,
-            args.prompt_b,
-            timesteps=args.timesteps,
-            seed=args.seed,
-            resolution=args.resolution,
+    pipe = load_export(args.pipeline.expanduser())
+    pipe.to(args.device)
+    images = [load_rgb(p) for p in paths]
+    maps = noise_difference_maps(
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        pipe.scheduler,
+        images,
+        args.prompt_a,
+        args.prompt_b,
+        timesteps=args.timesteps,
+        seed=args.seed,
+        resolution=args.resolution,
+    )
+    try:
+        out = save_difference_figure(
+            maps, images, args.out.expanduser(), args.timesteps, (args.prompt_a, args.prompt_b)
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = save_difference_grid(maps, images, args.out.expanduser(), timesteps=args.timesteps)
+    except OSError as e:
+        raise UserError(
+            f"cannot write {args.out} ({e.strerror or e}): choose a writable --out"
+        ) from e
     means = ", ".join(
         f"t={t}: {float(maps[:, j].mean()):.4g}" for j, t in enumerate(args.timesteps)
     )
     print(f"{len(images)} images x {len(args.timesteps)} timesteps -> {out}")
-    print(f"mean |eps_A - eps_B|: {means}; white = {float(maps.max()):.4g}")
+    print(f"mean |eps_A - eps_B|: {means}; colour scale 0 to {float(maps.max()):.4g}")
     if args.wandb_log:
         _log_to_wandb(args, out, maps)
     return 0
