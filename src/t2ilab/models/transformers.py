@@ -4,6 +4,7 @@ or a tiny model built from config with a fixed seed, as for Stable Diffusion."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +67,36 @@ class DiTComponents:
         return build_dit_pipeline(self.transformer, self.vae, scheduler, self.id2label)
 
 
+# The class names beside a DiT export: older exports have them only here (not in
+# model_index.json, so stock diffusers lost them); exports still write it for those readers.
+LABELS_FILE = "id2label.json"
+
+
 def build_dit_pipeline(transformer, vae, scheduler, id2label: dict[int, str] | None = None):
+    """A DiTPipeline whose save_pretrained writes the class names into model_index.json, where
+    stock `DiTPipeline.from_pretrained` reads them (as facebook/DiT-XL-2-256 ships them): the
+    pipeline's own __init__ keeps them only as `labels`, which are not saved."""
     pipe = DiTPipeline(
         transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label or None
     )
+    if id2label:
+        pipe.register_to_config(id2label={str(k): v for k, v in sorted(id2label.items())})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def side_file_id2label(folder: str | Path) -> dict[int, str] | None:
+    """The class names in a DiT export's id2label.json, if it has one."""
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        return None
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+def load_dit_pipeline(folder: str | Path, **kwargs) -> DiTPipeline:
+    """DiTPipeline.from_pretrained, with the class names of older exports too."""
+    labels = side_file_id2label(folder)
+    return DiTPipeline.from_pretrained(folder, **({"id2label": labels} if labels else {}), **kwargs)
 
 
 def build_pixart_pipeline(
@@ -161,7 +186,7 @@ def load_dit_components(model_cfg, tokenizer=None) -> DiTComponents:
     if model_cfg.get("pretrained"):
         source = _source(model_cfg)
         log.info("loading %s", source)
-        pipe = DiTPipeline.from_pretrained(source, revision=model_cfg.get("revision"))
+        pipe = load_dit_pipeline(source, revision=model_cfg.get("revision"))
         # DiTPipeline keeps label -> id (several names per class); invert to id -> first name.
         id2label: dict[int, str] = {}
         for name, class_id in (getattr(pipe, "labels", None) or {}).items():

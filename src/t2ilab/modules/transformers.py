@@ -109,6 +109,10 @@ class DiTModule(DiffusionModule):
         import json
         from pathlib import Path
 
+        from t2ilab.models.transformers import LABELS_FILE
+
+        # The pipeline folder carries the labels in model_index.json (build_dit_pipeline), where
+        # stock DiTPipeline.from_pretrained reads them; the side file serves readers of older
+        # exports' layout (class id -> name).
         super().save_artefact(folder, scheduler)
-        # DiTPipeline does not serialise its labels; keep them beside it (class id -> name).
-        (Path(folder) / "id2label.json").write_text(json.dumps(self.id2label, indent=2))
+        (Path(folder) / LABELS_FILE).write_text(json.dumps(self.id2label, indent=2))
