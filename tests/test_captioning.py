@@ -345,6 +345,69 @@ def test_bad_inputs_are_one_line_errors(tmp_path, setup, kwargs, match):
     _one_line(err)
 
 
+def test_captions_the_user_wrote_are_kept_in_any_encoding(tmp_path, loaded):
+    images = _make_images(tmp_path / "imgs", n=5)
+    mine = {
+        images[0].with_suffix(".txt"): "un café, à Paris\r\n".encode("utf-16"),
+        images[1].with_suffix(".txt"): "un café\r\n".encode("cp1252"),
+        images[2].with_suffix(".txt"): b"\xef\xbb\xbfa dog\r\n",
+    }
+    for path, raw in mine.items():
+        path.write_bytes(raw)
+    images[3].with_suffix(".txt").write_bytes(b"\xef\xbb\xbf\r\n")  # a BOM alone: no caption
+    summary = _run(tmp_path / "imgs", loaded, batch_size=2)
+    assert summary == {"captioned": 2, "skipped": 3, "empty": 0, "total": 5}
+    assert all(path.read_bytes() == raw for path, raw in mine.items())
+    assert images[3].with_suffix(".txt").read_text(encoding="utf-8").strip()
+
+
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_something_in_the_way_of_a_caption_fails_before_the_model_loads(tmp_path, kind):
+    images = _make_images(tmp_path / "imgs", n=2)
+    blocker = images[1].with_suffix(".txt")
+    if kind == "folder":
+        blocker.mkdir()
+    else:
+        blocker.symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(UserError) as err:
+        caption_folder(tmp_path / "imgs", str(tmp_path / "no_model"))
+    assert _one_line(err).startswith(f"{blocker} is in the way of the caption of img_1.png")
+    assert blocker.is_symlink() or blocker.is_dir()
+    assert not images[0].with_suffix(".txt").exists()
+
+
+def test_hidden_and_non_image_files_are_not_captioned(tmp_path, loaded):
+    images = _make_images(tmp_path / "imgs", n=2)
+    (tmp_path / "imgs" / "._img_0.jpg").write_bytes(b"\0\5\26\7")  # macOS metadata
+    (tmp_path / "imgs" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "imgs" / "README.txt").write_text("my photos")
+    assert _run(tmp_path / "imgs", loaded)["total"] == 2
+    assert sorted(p.name for p in (tmp_path / "imgs").glob("*.txt")) == [
+        "README.txt",
+        *(p.with_suffix(".txt").name for p in images),
+    ]
+
+
+def _cli_error(capsys, *args: str) -> str:
+    assert captioning.main(list(args)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("t2ilab: error: "), lines
+    return lines[0]
+
+
+def test_cli_image_folder_missing_a_file_or_without_images(tmp_path, capsys):
+    assert "does not exist" in _cli_error(capsys, str(tmp_path / "missing"))
+    _make_images(tmp_path / "imgs", n=1)
+    assert "is a file: pass the folder that holds it" in _cli_error(
+        capsys, str(tmp_path / "imgs" / "img_0.jpg")
+    )
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "._photo.jpg").write_bytes(b"\0\5\26\7")
+    (junk / "notes.txt").write_text("todo")
+    assert "has no images" in _cli_error(capsys, str(junk))
+
+
 # --- command line --------------------------------------------------------------------------------
 
 
@@ -385,7 +448,9 @@ def test_cli_errors_are_one_stderr_line_and_exit_2(tmp_path):
     result = _cli(str(tmp_path / "empty"), "--model", str(tmp_path / "no_model"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "has no images" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("t2ilab: error: ") and "has no images" in lines[0]
+    )
 
     _make_images(tmp_path / "imgs", n=1)
     result = _cli(str(tmp_path / "imgs"), "--model", str(tmp_path / "no_model"))

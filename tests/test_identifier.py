@@ -93,3 +93,20 @@ def test_validate_identifier_in_prompt():
         assert "'sks'" in message and "a photo of sks <class noun>" in message
     with pytest.raises(ValueError):
         validate_identifier_in_prompt("a photo of sks dog", "")
+
+
+def test_an_identifier_the_tokenizer_does_not_know_is_refused():
+    """A SentencePiece tokenizer maps unknown characters to <unk>, which every unknown word
+    shares: such an identifier would not identify anything."""
+    from t2ilab.data.identifier import check_identifier_tokens
+    from t2ilab.errors import UserError
+
+    class Tokenizer:
+        unk_token, unk_token_id = "<unk>", 2
+
+        def encode(self, text, add_special_tokens=False):
+            return [7 if ch.isascii() else 2 for ch in text]
+
+    check_identifier_tokens(Tokenizer(), "sks")
+    with pytest.raises(UserError, match=r"data.identifier='s✓s' is unknown to the model's tok"):
+        check_identifier_tokens(Tokenizer(), "s✓s")

@@ -25,10 +25,10 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
     ASPECT_RATIO_512_BIN,
     ASPECT_RATIO_1024_BIN,
 )
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from t2ilab.data.images import load_rgb
+from t2ilab.data.images import load_rgb, opened_image
 from t2ilab.errors import UserError
 
 BucketTable = Mapping[str, Sequence[float]]  # ratio string ("0.57") -> [height, width]
@@ -112,15 +112,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     override decodes the whole image to search for an eXIf chunk after the pixel data (a rare
     layout; such an image is then bucketed by its stored size, which only costs crop quality).
     """
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = Image.Image.getexif(image).get(_ORIENTATION, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise UserError(
-            f"{path} cannot be read as an image ({err.__class__.__name__}): "
-            "re-export it as PNG/JPEG or remove it from the folder"
-        ) from None
+    with opened_image(path) as image:  # a UserError naming the file if it cannot be read
+        width, height = image.size
+        orientation = Image.Image.getexif(image).get(_ORIENTATION, 1)
     return (height, width) if orientation in _SWAPS_SIDES else (width, height)
 
 

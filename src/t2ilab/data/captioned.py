@@ -7,15 +7,22 @@ Two layouts, the two a user most likely already has:
     `{"file_name": "x.png", "text": "..."}` (the caption column is configurable). When
     `metadata.jsonl` exists it wins and `.txt` files are ignored.
 
+Every image needs a caption: an image without one, or with an empty one, is an error (an empty
+caption would silently train the unconditional prediction; `data.caption_dropout` is the way to
+do that). A `.txt` file without a same-named image (README.txt, a deleted image's caption) is not
+used, and a warning names it. Caption files may be UTF-8 with or without a BOM or UTF-16 with a
+BOM, with any line endings; a caption's line breaks and runs of spaces become single spaces.
+
 Every example is conditioned on its own caption, so there is no prior preservation: a batch is
 all "instance" examples (`num_instance` = B) and the shared diffusion step computes a plain loss.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
-import random
+import os
 from pathlib import Path
 
 import lightning as L
@@ -26,10 +33,11 @@ from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.images import (
     IMAGE_EXTENSIONS,
     ImageTransform,
-    check_image_folder,
+    check_images,
     list_images,
     load_rgb,
 )
+from t2ilab.data.loader import draw_rng, resumable_loader
 from t2ilab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,52 @@ def _uncaptioned_error(folder: Path, missing: list[Path], how: str) -> UserError
     )
 
 
-def _read_sidecar_captions(folder: Path) -> list[tuple[Path, str]]:
+def read_text_file(path: Path) -> str:
+    """A user's text file: UTF-8 with or without a BOM (Windows Notepad writes one), or UTF-16
+    with a BOM (Notepad's "Unicode"). Other bytes are an error naming the first one that is not
+    UTF-8, rather than a guessed code page that could silently garble the caption."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(
+            f"{path} cannot be read ({err.strerror or err.__class__.__name__}): "
+            "make it a readable text file (chmod a+r)"
+        ) from None
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} is not UTF-8 text (line {line}, byte {err.start} is "
+            f"0x{data[err.start]:02x}; saved as Windows-1252/latin-1?): save it as UTF-8, "
+            "e.g. iconv -f cp1252 -t utf-8"
+        ) from None
+
+
+def clean_caption(text: str) -> str:
+    """One line: line breaks (CRLF too) and runs of whitespace become single spaces."""
+    return " ".join(text.split())
+
+
+def _warn_captions_without_images(folder: Path, images: list[Path]) -> None:
+    used = {image.with_suffix(".txt").name for image in images}
+    unused = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix == ".txt" and not p.name.startswith(".") and p.name not in used
+    )
+    if unused:
+        log.warning(
+            "%s: %d .txt files have no image of the same name and are not used, first %s",
+            folder,
+            len(unused),
+            unused[0],
+        )
+
+
+def _read_sidecar_captions(folder: Path, resolution: int | None) -> list[tuple[Path, str]]:
     images = list_images(folder)
     if not images:
         raise UserError(
@@ -70,29 +123,40 @@ def _read_sidecar_captions(folder: Path) -> list[tuple[Path, str]]:
     items = []
     for image in images:
         caption_file = image.with_suffix(".txt")
-        try:
-            caption = caption_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(
-                f"{caption_file} cannot be read ({err.__class__.__name__}): "
-                "save it as a UTF-8 text file"
-            ) from None
+        caption = clean_caption(read_text_file(caption_file))
         if not caption:
             raise UserError(f"{caption_file} is empty: write the caption of {image.name} in it")
         items.append((image, caption))
+    _warn_captions_without_images(folder, images)
     # Decodes every image once (a truncated or non-image file fails here, not mid-training).
-    check_image_folder(folder, KEY)
+    check_images(images, resolution)
     return items
 
 
-def _read_metadata(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
-    metadata = folder / METADATA_FILE
-    try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+def _inside(folder: Path, file_name: str) -> Path | None:
+    """folder/file_name, normalised, when it stays inside `folder` (no absolute path, no ..)."""
+    path = Path(os.path.normpath(folder / file_name))
+    if Path(file_name).is_absolute() or path == folder or not path.is_relative_to(folder):
+        return None
+    return path
+
+
+def _caption_of(row: dict, caption_column: str, where: str) -> str:
+    caption = row[caption_column]
+    if caption is not None and not isinstance(caption, str):
         raise UserError(
-            f"{metadata} cannot be read ({err.__class__.__name__}): save it as UTF-8 JSON lines"
-        ) from None
+            f'{where}: "{caption_column}" is {type(caption).__name__} {json.dumps(caption)[:40]}, '
+            f'not text: write the caption as a JSON string, "{caption_column}": "..."'
+        )
+    return clean_caption(caption or "")
+
+
+def _read_metadata(
+    folder: Path, caption_column: str, resolution: int | None
+) -> list[tuple[Path, str]]:
+    folder = Path(os.path.normpath(folder))
+    metadata = folder / METADATA_FILE
+    lines = read_text_file(metadata).splitlines()
     items = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -116,19 +180,23 @@ def _read_metadata(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
                 f'{where} has no "{caption_column}" column (other columns: {columns}): '
                 "set data.caption_column=NAME to the column holding the captions"
             )
-        image = folder / row["file_name"]
+        image = _inside(folder, row["file_name"])
+        if image is None:
+            raise UserError(
+                f"{where}: file_name {row['file_name']!r} is not a path inside {folder}: "
+                "name the image relative to the folder, e.g. x.png or sub/x.png"
+            )
         if image.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UserError(
                 f"{where}: file_name {row['file_name']!r} is not a .jpg/.png/.webp image: "
                 "point it at an image in the folder"
             )
-        if not image.is_file():
+        if not image.is_file() and not image.is_symlink():  # a broken link: named when read
             raise UserError(
                 f"{where} names {row['file_name']!r}, which is not in {folder}: "
                 "add the image or remove the line"
             )
-        caption = row[caption_column]
-        caption = caption.strip() if isinstance(caption, str) else ""
+        caption = _caption_of(row, caption_column, where)
         if not caption:
             raise UserError(
                 f'{where} has an empty "{caption_column}" for {row["file_name"]}: '
@@ -142,10 +210,10 @@ def _read_metadata(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
         )
     # Images next to listed ones (or in the top folder) that no line names would be silently
     # left out of training; the Hugging Face loader would not skip them either.
-    listed = {image.resolve() for image, _ in items}
+    listed = {image for image, _ in items}  # normalised paths: comparable without resolve()
     folders = {folder} | {image.parent for image, _ in items}
     present = sorted({p for f in folders for p in list_images(f)})
-    missing = [p for p in present if p.resolve() not in listed]
+    missing = [p for p in present if p not in listed]
     if missing:
         raise _uncaptioned_error(
             folder,
@@ -153,16 +221,16 @@ def _read_metadata(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
             f'add a {{"file_name": "{missing[0].relative_to(folder).as_posix()}", '
             f'"{caption_column}": "..."}} line to {METADATA_FILE} or move the image out',
         )
-    for image_folder in sorted({p.parent for p in present}):
-        check_image_folder(image_folder, KEY)  # decodes each image once
+    check_images(list(dict.fromkeys(image for image, _ in items)), resolution)  # decode once
     return items
 
 
 def read_captioned_folder(
-    folder: str | Path | None, caption_column: str = "text"
+    folder: str | Path | None, caption_column: str = "text", resolution: int | None = None
 ) -> list[tuple[Path, str]]:
     """(image path, caption) pairs of a captioned folder; a one-line UserError naming the fix
-    for anything that would fail later (see the module docstring for the two layouts).
+    for anything that would fail later (see the module docstring for the two layouts). With
+    `resolution`, images too small to train on at it are errors too (images.check_image_size).
 
     Sidecar layout: images in sorted order. metadata.jsonl layout: in the order of its lines
     (`file_name` may name a file in a subfolder, as in Hugging Face imagefolder datasets).
@@ -170,21 +238,23 @@ def read_captioned_folder(
     if not folder:
         raise UserError(f"{KEY} is not set: set {KEY}=PATH to a folder of captioned images")
     path = Path(folder).expanduser()
+    if path.is_file():
+        raise UserError(f"{KEY}={folder} is a file, not a folder: set {KEY}=PATH to a folder")
     if not path.is_dir():
         raise UserError(
             f"{KEY}={folder} does not exist: set {KEY}=PATH to a folder of captioned images"
         )
     if (path / METADATA_FILE).is_file():
-        return _read_metadata(path, caption_column)
-    return _read_sidecar_captions(path)
+        return _read_metadata(path, caption_column, resolution)
+    return _read_sidecar_captions(path, resolution)
 
 
 class CaptionedDataset(Dataset):
     """One example per (image, caption); the caption is replaced by "" with probability
     `caption_dropout`, which trains the unconditional prediction classifier-free guidance needs.
 
-    Randomness (dropout, random crop/flip) comes from Python's `random`, which
-    `L.seed_everything(seed, workers=True)` seeds in the main process and in every worker.
+    Items are read by draw (t2ilab.data.loader): dropout and random crops/flips are keyed by
+    (seed, draw), so every epoch draws anew and a resumed run draws what it would have.
     """
 
     def __init__(
@@ -193,6 +263,7 @@ class CaptionedDataset(Dataset):
         tokenizer,
         transform: ImageTransform,
         caption_dropout: float = 0.0,
+        seed: int = 0,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise UserError(
@@ -201,6 +272,7 @@ class CaptionedDataset(Dataset):
         self.items = list(items)
         self.transform = transform
         self.caption_dropout = caption_dropout
+        self.seed = seed
         # Tokenized once: captions do not change between epochs.
         self.input_ids = [tokenize(tokenizer, caption) for _, caption in self.items]
         self.empty_ids = tokenize(tokenizer, "")
@@ -208,11 +280,12 @@ class CaptionedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
+        index, rng = draw % len(self), draw_rng(self.seed, draw)
         path, _ = self.items[index]
-        drop = self.caption_dropout > 0 and random.random() < self.caption_dropout
+        drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         return {
-            "pixel_values": self.transform(load_rgb(path)),
+            "pixel_values": self.transform(load_rgb(path), rng),
             "input_ids": self.empty_ids if drop else self.input_ids[index],
         }
 
@@ -253,6 +326,7 @@ class CaptionedDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.prompt_transform = None
         self.items: list[tuple[Path, str]] | None = None
+        self.seed = 0
 
     def check(self) -> None:
         """All validation that needs no model: folder, images, captions, settings."""
@@ -262,7 +336,9 @@ class CaptionedDataModule(L.LightningDataModule):
             )
         if int(self.batch_size) < 1:
             raise UserError(f"data.batch_size={self.batch_size} must be at least 1")
-        self.items = read_captioned_folder(self.train_dir, self.caption_column)
+        self.items = read_captioned_folder(
+            self.train_dir, self.caption_column, self.transform.resolution
+        )
 
     def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
         """Store the model's tokenizer; returns the prompt variables this data defines (none:
@@ -270,6 +346,7 @@ class CaptionedDataModule(L.LightningDataModule):
         rewrites captions before tokenizing (e.g. textual inversion's multi-vector tokens)."""
         self.tokenizer = tokenizer
         self.prompt_transform = prompt_transform
+        self.seed = int(seed)  # keys the data order
         if self.items is None:
             self.check()
         limit = getattr(tokenizer, "model_max_length", None)
@@ -309,16 +386,19 @@ class CaptionedDataModule(L.LightningDataModule):
         if self.items is None:
             self.check()
         self.dataset = CaptionedDataset(
-            self._training_items(), self.tokenizer, self.transform, self.caption_dropout
+            self._training_items(),
+            self.tokenizer,
+            self.transform,
+            self.caption_dropout,
+            seed=self.seed,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return resumable_loader(
             self.dataset,
             batch_size=self.batch_size,
             shuffle=True,
+            seed=self.seed,
             num_workers=self.num_workers,
             collate_fn=collate_captioned,
-            drop_last=False,
-            persistent_workers=self.num_workers > 0,
         )

@@ -24,6 +24,7 @@ and pass `--model DIR`.
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import sys
@@ -31,10 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from t2ilab.data.images import list_images, load_rgb
+from t2ilab.data.images import list_images, load_rgb, opened_image
 from t2ilab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,42 @@ def caption_path(image: Path, out_dir: Path) -> Path:
     return out_dir / f"{image.stem}.txt"
 
 
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
 def _has_caption(path: Path) -> bool:
-    """A caption file that exists and holds text (an empty one would fail training anyway)."""
+    """A caption file holding anything but a BOM and whitespace, in any encoding (an empty one
+    would fail training anyway). Judged on the bytes, so a caption the user saved as UTF-16 or
+    Windows-1252 is still theirs; an unreadable one is too: never replaced without overwrite."""
+    if not path.is_file():
+        return False
     try:
-        return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
-    except (OSError, UnicodeDecodeError):
-        return True  # unreadable but present: the user's file, never replaced without overwrite
+        data = path.read_bytes()
+    except OSError:
+        return True
+    for bom in _BOMS:
+        data = data.removeprefix(bom)
+    return bool(data.strip(b" \t\r\n\x00"))
+
+
+def _check_caption_targets(images: Sequence[Path], target: Path) -> None:
+    """A folder or a broken link where a caption would go: writing would fail after the model
+    loads (a folder) or replace the user's link, so it is an error now."""
+    for image in images:
+        path = caption_path(image, target)
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UserError(
+                f"{path} is in the way of the caption of {image.name}: it is a folder or a "
+                "broken link, not a text file; move it away (or pass another out_dir) and rerun"
+            )
 
 
 def _check_folder(images_dir, out_dir) -> tuple[Path, Path, list[Path]]:
     if not images_dir:
         raise UserError("no image folder given: pass IMAGES_DIR, a folder of .jpg/.png/.webp files")
     folder = Path(images_dir).expanduser()
+    if folder.is_file():
+        raise UserError(f"image folder {images_dir} is a file: pass the folder that holds it")
     if not folder.is_dir():
         raise UserError(f"image folder {images_dir} does not exist: pass a folder of images")
     images = list_images(folder)
@@ -101,20 +126,15 @@ def _check_folder(images_dir, out_dir) -> tuple[Path, Path, list[Path]]:
             f"{target} has a {METADATA_FILE}, which training reads instead of .txt captions: "
             f"move it away or pass another out_dir"
         )
+    _check_caption_targets(images, target)
     return folder, target, images
 
 
 def _check_headers(images: Sequence[Path]) -> None:
     """Open (not decode) each image: cheap, and catches non-images before the model loads."""
     for path in images:
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise UserError(
-                f"{path} cannot be read as an image ({err.__class__.__name__}): "
-                "re-export it as PNG/JPEG or remove it from the folder"
-            ) from None
+        with opened_image(path):  # a UserError naming the file if it cannot be read
+            pass
 
 
 def _check_settings(prompt: str, batch_size: int, max_new_tokens: int) -> None:
@@ -362,15 +382,9 @@ def caption_folder(
     ) as progress:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            pictures = []
-            for path in batch:
-                try:
-                    pictures.append(load_rgb(path))
-                except (UnidentifiedImageError, OSError, SyntaxError) as err:
-                    raise UserError(
-                        f"{path} cannot be read as an image ({err.__class__.__name__}): "
-                        "re-export it or remove it, then rerun (finished captions are kept)"
-                    ) from None
+            # A file that fails to decode stops here with a UserError naming it; the captions
+            # already written stay, so a rerun resumes.
+            pictures = [load_rgb(path) for path in batch]
             try:
                 captions = generate_captions(model, processor, pictures, prompt, max_new_tokens)
             except torch.cuda.OutOfMemoryError:
@@ -508,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             local_files_only=bool(s["local_files_only"]),
         )
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"t2ilab: error: {err}", file=sys.stderr)
         return 2
     out = s["out_dir"] or args.images_dir
     empty = f", {summary['empty']} empty" if summary["empty"] else ""

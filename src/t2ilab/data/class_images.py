@@ -117,7 +117,9 @@ def generate_class_images(
                 **pipeline_call_kwargs(pipeline),
             ).images
             for index, image in zip(chunk, images, strict=True):
-                save_image_atomic(image, class_dir / class_image_name(index))
+                # Never over an image already there: the user's, or another run's (two sweep
+                # jobs can fill one folder at once; image i is the same from either).
+                save_image_atomic(image, class_dir / class_image_name(index), replace=False)
             bar.update(len(chunk))
     if world_size > 1:
         wait_for_class_images(class_dir, missing, wait_timeout_s)

@@ -12,11 +12,22 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from t2ilab.data.identifier import pick_rare_identifier, validate_identifier_in_prompt
-from t2ilab.data.images import ImageTransform, check_image_folder, list_images, load_rgb
+from t2ilab.data.identifier import (
+    check_identifier_tokens,
+    check_prompt_fits,
+    pick_rare_identifier,
+    validate_identifier_in_prompt,
+)
+from t2ilab.data.images import (
+    ImageTransform,
+    check_image_folder,
+    check_images,
+    list_images,
+    load_rgb,
+)
+from t2ilab.data.loader import draw_rng, resumable_loader
 from t2ilab.errors import UserError
 
 
@@ -64,15 +75,27 @@ def resolve_prompts(
                 "data.instance_prompt_template uses {class_noun} but data.class_noun is not set: "
                 "set data.class_noun=NOUN (e.g. dog)"
             )
-        instance_prompt = instance_prompt_template.format(
-            identifier=identifier, class_noun=class_noun
-        )
+        try:
+            instance_prompt = instance_prompt_template.format(
+                identifier=identifier, class_noun=class_noun
+            )
+        except (KeyError, IndexError, ValueError) as err:
+            raise UserError(
+                f"data.instance_prompt_template={instance_prompt_template!r} cannot be filled "
+                f"({type(err).__name__}: {err}): it may use only {{identifier}} and "
+                "{class_noun}; write other braces as {{ and }}"
+            ) from None
     try:
         validate_identifier_in_prompt(instance_prompt, identifier)
     except ValueError as err:
         raise UserError(str(err)) from None
     if with_prior_preservation and class_prompt is None:
         class_prompt = f"a {class_noun}"
+    if tokenizer is not None:
+        check_identifier_tokens(tokenizer, identifier)
+        check_prompt_fits(tokenizer, instance_prompt, "data.instance_prompt")
+        if class_prompt:
+            check_prompt_fits(tokenizer, class_prompt, "data.class_prompt")
     return DreamBoothPrompts(identifier, class_noun, instance_prompt, class_prompt)
 
 
@@ -93,6 +116,7 @@ def tokenize(tokenizer, prompt: str) -> torch.Tensor:
 
 class DreamBoothDataset(Dataset):
     """Cycles instance images (and class images, independently) for max(n_instance, n_class).
+    Items are read by draw (t2ilab.data.loader): random crops and flips are keyed by it.
 
     With `image_features` (path -> cached VAE posterior) and `text_features` (prompt -> frozen
     text-encoder states), examples carry those instead of pixels and token ids."""
@@ -107,7 +131,9 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         image_features: dict[Path, dict[str, torch.Tensor]] | None = None,
         text_features: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
     ):
+        self.seed = seed
         self.instance_images = list(instance_images)
         self.class_images = list(class_images or [])
         self.transform = transform
@@ -121,20 +147,21 @@ class DreamBoothDataset(Dataset):
             return {"prompt_embeds": self.text_features[prompt]}
         return {"input_ids": tokenize(tokenizer, prompt)}
 
-    def _image(self, path: Path) -> dict[str, torch.Tensor]:
+    def _image(self, path: Path, rng) -> dict[str, torch.Tensor]:
         if self.image_features is not None:
             return self.image_features[path]
-        return {"pixel_values": self.transform(load_rgb(path))}
+        return {"pixel_values": self.transform(load_rgb(path), rng)}
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
-    def __getitem__(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
+    def __getitem__(self, draw: int) -> dict[str, dict[str, torch.Tensor]]:
+        index, rng = draw % len(self), draw_rng(self.seed, draw)
         path = self.instance_images[index % len(self.instance_images)]
-        example = {"instance": {**self._image(path), **self.instance}}
+        example = {"instance": {**self._image(path, rng), **self.instance}}
         if self.class_images:
             class_path = self.class_images[index % len(self.class_images)]
-            example["class"] = {**self._image(class_path), **self.class_}
+            example["class"] = {**self._image(class_path, rng), **self.class_}
         return example
 
 
@@ -198,10 +225,16 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.prompt_transform = None
         self.prompts: DreamBoothPrompts | None = None
+        self.seed = 0
 
     def check(self) -> None:
         """Everything the user gave, checked without loading a model."""
-        check_image_folder(self.instance_dir, "data.instance_dir")
+        resolution = self.transform.resolution
+        check_image_folder(self.instance_dir, "data.instance_dir", resolution)
+        if self.num_class_images > 0 and self.class_dir is not None and self.class_dir.is_dir():
+            # The user's own class images (the ones _class_images will take); generated ones
+            # join them later.
+            check_images(list_images(self.class_dir)[: self.num_class_images], resolution)
         c = self.prompt_config
         if self.with_prior_preservation and not (c["class_noun"] or c["class_prompt"]):
             raise UserError(
@@ -221,6 +254,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         `prompt_transform` rewrites prompts before tokenizing (e.g. multi-vector placeholders)."""
         self.tokenizer = tokenizer
         self.prompt_transform = prompt_transform
+        self.seed = int(seed)  # also keys the data order
         self.prompts = resolve_prompts(
             **self.prompt_config,
             tokenizer=tokenizer,
@@ -298,21 +332,16 @@ class DreamBoothDataModule(L.LightningDataModule):
             transform(self.prompts.class_prompt) if class_images else None,
             image_features=self.image_features,
             text_features=self.text_features,
+            seed=self.seed,
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = None
-        if not self.shuffle and dist.is_available() and dist.is_initialized():
-            # Lightning's automatic DistributedSampler always shuffles a training loader;
-            # an unshuffled one keeps the order: rank r takes items r, r + N, ...
-            sampler = DistributedSampler(self.dataset, shuffle=False)
-        return DataLoader(
+        # Unshuffled, rank r of N takes items r, r + N, ... (see t2ilab.data.loader).
+        return resumable_loader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
-            shuffle=self.shuffle if sampler is None else None,
+            shuffle=self.shuffle,
+            seed=self.seed,
             num_workers=self.num_workers,
             collate_fn=collate_dreambooth,
-            drop_last=False,
-            persistent_workers=self.num_workers > 0,
         )

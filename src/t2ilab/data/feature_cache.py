@@ -93,6 +93,14 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+
+def default_cache_root() -> Path:
+    """Where feature caches live unless data.cache_dir says otherwise: the user's cache folder
+    ($XDG_CACHE_HOME, else ~/.cache) under t2ilab/features, never the data folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "t2ilab" / "features"
+
+
 class FeatureCache:
     """Encoded features of (image, caption) items under `root/<key hash>/`; see the module
     docstring for the layout. `build` fills it (once; later calls only add what is missing),

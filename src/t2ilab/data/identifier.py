@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import re
 
+from t2ilab.errors import UserError
+
 # CLIP BPE marks the end of a word with a "</w>" suffix; SentencePiece (T5) marks its start
 # with "▁". Either way the token is a whole word, not a piece glued to its neighbours.
 _WORD_END = "</w>"
@@ -80,4 +82,29 @@ def validate_identifier_in_prompt(prompt: str, identifier: str) -> None:
         raise ValueError(
             f"Identifier {identifier!r} is not a whole word of the instance prompt {prompt!r}; "
             f"write it as a separate word, e.g. 'a photo of {identifier} <class noun>'."
+        )
+
+
+def check_identifier_tokens(tokenizer, identifier: str) -> None:
+    """The identifier must reach the text encoder as itself: a token the tokenizer does not know
+    becomes its unknown token, which every unknown word shares."""
+    ids = tokenizer.encode(identifier, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    known = [i for i in ids if i != unk] if unk is not None else ids
+    if not ids or len(known) < len(ids):
+        raise UserError(
+            f"data.identifier={identifier!r} is unknown to the model's tokenizer (it becomes "
+            f"{tokenizer.unk_token!r}, as every unknown word does): pick a word of plain letters, "
+            "e.g. sks, or leave data.identifier empty to pick a rare token"
+        )
+
+
+def check_prompt_fits(tokenizer, prompt: str, key: str) -> None:
+    """A prompt longer than the text encoder reads is cut off, and with it maybe the identifier."""
+    count = len(tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
+    if count > tokenizer.model_max_length:
+        shown = prompt if len(prompt) <= 60 else f"{prompt[:57]}..."
+        raise UserError(
+            f"{key}={shown!r} is {count} tokens, more than the {tokenizer.model_max_length} the "
+            "text encoder reads: its end would be cut off; shorten it"
         )

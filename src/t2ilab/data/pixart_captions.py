@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from pathlib import Path
 
 import lightning as L
@@ -26,27 +25,30 @@ from t2ilab.data.captioned import read_captioned_folder
 from t2ilab.data.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,
+    default_cache_root,
     t5_text_encoder,
     vae_image_encoder,
 )
+from t2ilab.data.loader import draw_rng, resumable_loader
 
 log = logging.getLogger(__name__)
 
 
 class _DropCaptions(Dataset):
-    """Cached features with caption dropout: the caption's T5 features are swapped for those of
-    the empty caption (what the pipeline uses as unconditional) with probability p."""
+    """Caption dropout over cached features or images with token ids: with probability p, keyed
+    by the draw (t2ilab.data.loader), an item's caption features are those of the empty caption
+    (what the pipeline uses as unconditional)."""
 
-    def __init__(self, dataset: CachedFeatureDataset, null: dict[str, torch.Tensor], p: float):
-        self.dataset, self.null, self.p = dataset, null, p
+    def __init__(self, dataset: Dataset, null: dict[str, torch.Tensor], p: float, seed: int):
+        self.dataset, self.null, self.p, self.seed = dataset, null, p, seed
         self.bucket_ids = dataset.bucket_ids
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = dict(self.dataset[index])
-        if self.p and random.random() < self.p:
+    def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[draw % len(self)])
+        if self.p and draw_rng(self.seed, draw).random() < self.p:
             item.update(self.null)
         return item
 
@@ -66,7 +68,7 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         caption_column: str = "text",
         resolution: int = 512,
         multi_aspect: bool = False,
-        cache: bool = False,
+        cache: bool = True,
         cache_dir: str | None = None,
         caption_dropout: float = 0.1,
         batch_size: int = 4,
@@ -92,7 +94,7 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         self.dataset: Dataset | None = None
 
     def check(self) -> None:
-        self.items = read_captioned_folder(self.train_dir, self.caption_column)
+        self.items = read_captioned_folder(self.train_dir, self.caption_column, self.resolution)
 
     def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
         self.tokenizer = tokenizer
@@ -113,8 +115,6 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         return {"1.0": (self.resolution, self.resolution)}
 
     def _tokenize(self, caption: str) -> dict[str, torch.Tensor]:
-        if self.caption_dropout and random.random() < self.caption_dropout:
-            caption = ""
         ids = self.tokenizer(
             self.prompt_transform(caption),
             padding="max_length",
@@ -147,8 +147,7 @@ class PixArtCaptionDataModule(L.LightningDataModule):
             ).hexdigest()[:16],
         }
         # Never inside the user's data folder: a per-user cache unless data.cache_dir says where.
-        root = self.cache_dir or Path.home() / ".cache" / "t2ilab" / "features"
-        cache = FeatureCache(root, key)
+        cache = FeatureCache(self.cache_dir or default_cache_root(), key)
 
         # The same resize/crop as the image path (BucketedCaptionDataset): both give one loss.
         def transform(image):
@@ -159,14 +158,19 @@ class PixArtCaptionDataModule(L.LightningDataModule):
         )
         cache.build(self.items, vae_image_encoder(components.vae, transform), encode_text)
         null = {k: v[0] for k, v in encode_text([""]).items()}
-        self.dataset = _DropCaptions(CachedFeatureDataset(cache), null, self.caption_dropout)
+        self.dataset = _DropCaptions(
+            CachedFeatureDataset(cache), null, self.caption_dropout, self.seed
+        )
         log.info("training from the feature cache in %s", cache.path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             if not self.items:
                 self.check()
-            self.dataset = BucketedCaptionDataset(self.items, self.table(), self._tokenize)
+            images = BucketedCaptionDataset(self.items, self.table(), self._tokenize)
+            self.dataset = _DropCaptions(
+                images, self._tokenize(""), self.caption_dropout, self.seed
+            )
 
     def train_dataloader(self) -> DataLoader:
         sampler = AspectRatioBucketSampler(
@@ -174,19 +178,13 @@ class PixArtCaptionDataModule(L.LightningDataModule):
             self.batch_size,
             shuffle=True,
             seed=self.seed,
-            num_replicas=1,
-            rank=0,
         )
-        if isinstance(self.dataset, _DropCaptions):
+        if isinstance(self.dataset.dataset, CachedFeatureDataset):
 
             def collate(examples):
                 return collate_cached(examples, self.vae_factor)
         else:
             collate = collate_bucketed
-        return DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
+        return resumable_loader(
+            self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate
         )

@@ -673,15 +673,31 @@ def get_subject(name: str) -> Subject:
 # --- writing folders -----------------------------------------------------------------------------
 
 
-def _require_empty(folder: Path) -> None:
-    """Refuse to write into a folder that has files: overwriting them (or mixing old images
-    with new metadata) would silently corrupt a dataset."""
+# What an OS drops into a folder by itself: a folder holding only these counts as empty.
+_OS_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def _prepare_out_dir(folder: Path) -> None:
+    """Create the output folder, refusing one that holds anything (OS files aside): the writers
+    never overwrite or add to a user's data. An earlier output of the same command is refused
+    too: nothing tells its files from a user's of the same names, and rerunning it gives the
+    same files anyway."""
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"{folder} is a broken link: remove it or choose a new path")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file: choose an empty folder (or a new path)")
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name not in _OS_FILES for p in folder.iterdir()):
         raise UserError(
-            f"{folder} is not empty, refusing to overwrite: choose an empty folder (or a new path)"
+            f"{folder} is not empty, refusing to overwrite: choose an empty folder (or a new "
+            "path); to redo an earlier output of this command, delete that folder first"
         )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{folder} cannot be created ({err.strerror or err.__class__.__name__}): "
+            "choose a folder you can write to"
+        ) from None
 
 
 def _progress(iterable, total: int, desc: str):
@@ -704,8 +720,7 @@ def write_subject(
     subject = get_subject(name)
     _check_count("--n", n, resolution)
     out = Path(out_dir)
-    _require_empty(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out)
     paths = []
     for i, scene in enumerate(subject_scenes(subject, n, seed)):
         path = out / f"{i:02d}.png"
@@ -731,8 +746,7 @@ def write_captioned(
         raise UserError(f"--caption {caption} is not allowed: use dense or class")
     _check_count("--n", n, resolution)
     out = Path(out_dir)
-    _require_empty(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out)
     to_text = dense_caption if caption == "dense" else class_caption
     lines = []
     for i in _progress(range(n), n, "captioned"):
@@ -753,7 +767,7 @@ def write_classes(
     is independent and a larger `n_per_class` only appends images."""
     _check_count("--n-per-class", n_per_class, resolution)
     out = Path(out_dir)
-    _require_empty(out)
+    _prepare_out_dir(out)
     folders = []
     for shape in SHAPES:
         folder = out / shape

@@ -2,13 +2,12 @@
 
 Used to pretrain the toy diffusion models: every example is a fresh render with its exact
 caption, so there are no files to write and no fixed dataset to overfit. An "epoch" is `size`
-renders; example i of epoch e is scene (seed, e * size + i), so every epoch sees new scenes and
-a resumed run sees the same ones as an uninterrupted run.
+renders; example i of epoch e is draw e * size + i (t2ilab.data.loader), rendered as scene
+(seed, draw), so every epoch sees new scenes and a resumed run sees the same ones as an
+uninterrupted run.
 """
 
 from __future__ import annotations
-
-import random
 
 import lightning as L
 import torch
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from t2ilab.data.captioned import collate_captioned
 from t2ilab.data.class_folder import collate_classes
 from t2ilab.data.dreambooth import tokenize
+from t2ilab.data.loader import draw_rng, resumable_loader
 from t2ilab.data.toy import SHAPES, class_caption, dense_caption, image_to_tensor, render, scene_at
 from t2ilab.errors import UserError
 from t2ilab.toy.data import OPTIONAL_ATTRIBUTES, partial_caption
@@ -28,25 +28,18 @@ PARTIAL_DENSE, PARTIAL_CLASS = 0.25, 0.25
 
 
 class ToyWorldScenes(Dataset):
-    """Example i of epoch e is scene (seed, e * size + i) at `resolution`: new scenes every
-    epoch, the same ones after a resume."""
+    """Draw d (epoch * size + i, see t2ilab.data.loader) is scene (seed, d) at `resolution`:
+    new scenes every epoch, the same ones after a resume."""
 
     def __init__(self, size: int, seed: int, resolution: int, shapes: tuple[str, ...] = SHAPES):
         self.size, self.seed, self.resolution = int(size), int(seed), resolution
         self.shapes = tuple(shapes)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def global_index(self, index: int) -> int:
-        return self.epoch * self.size + int(index)
-
-    def scene(self, global_index: int):
-        return scene_at(self.seed, global_index, shapes=self.shapes)
+    def scene(self, draw: int):
+        return scene_at(self.seed, draw, shapes=self.shapes)
 
     def pixels(self, scene) -> torch.Tensor:
         return image_to_tensor(render(scene, self.resolution))
@@ -71,7 +64,7 @@ class ToyWorldTextImages(ToyWorldScenes):
         self.tokenizer, self.caption, self.caption_dropout = tokenizer, caption, caption_dropout
         self.empty_ids = tokenize(tokenizer, "")
 
-    def caption_for(self, scene, rng: random.Random) -> str:
+    def caption_for(self, scene, rng) -> str:
         kind = self.caption
         if kind == "mixed":
             kind = "dense" if rng.random() < 0.5 else "class"
@@ -86,10 +79,9 @@ class ToyWorldTextImages(ToyWorldScenes):
                 return partial_caption(scene, stated)
         return dense_caption(scene) if kind == "dense" else class_caption(scene)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        global_index = self.global_index(index)
-        scene = self.scene(global_index)
-        rng = random.Random(f"{self.seed}/{global_index}")  # caption choices, per example
+    def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
+        scene = self.scene(draw)
+        rng = draw_rng(self.seed, draw)  # caption choices, per example
         drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         ids = self.empty_ids if drop else tokenize(self.tokenizer, self.caption_for(scene, rng))
         return {"pixel_values": self.pixels(scene), "input_ids": ids}
@@ -100,8 +92,8 @@ class ToyWorldClassImages(ToyWorldScenes):
     world: the shape is the class, as ImageNet's label is for the real stage 1); the same
     scenes, epoch by epoch, as ToyWorldTextImages with the same seed."""
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        scene = self.scene(self.global_index(index))
+    def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
+        scene = self.scene(draw)
         label = torch.tensor(self.shapes.index(scene.shape))
         return {"pixel_values": self.pixels(scene), "class_labels": label}
 
@@ -172,12 +164,10 @@ class ToyWorldDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None:  # new scenes every epoch (workers are re-created per epoch)
-            self.dataset.set_epoch(self.trainer.current_epoch)
-        return DataLoader(
+        return resumable_loader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=False,  # scene i is already random; the order keeps resumes exact
+            shuffle=False,  # every draw is already a random scene
             num_workers=self.num_workers,
             collate_fn=self.collate,
             drop_last=True,
