@@ -9,7 +9,8 @@
 #   bash sweeps/toy_pixart_studies.sh runs/toy_pixart_studies 0 1
 #   python -m t2ilab.analysis.collect runs/toy_pixart_studies --group-by arm
 # Each run ends with eval=toy_alignment (colours and shape read from the pixels). A run whose
-# results.json says "ok" is skipped, so the script resumes where it stopped.
+# results.json says "ok" is skipped and a stopped one resumes from its last checkpoint, so the
+# script resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash sweeps/toy_pixart_studies.sh OUT_DIR SEED [SEED...]}
@@ -21,7 +22,9 @@ done_ok() { grep -qs '"status": "ok"' "$1/results.json"; }
 train() {  # train DIR OVERRIDES...
   local dir=$1; shift
   if done_ok "$dir"; then echo "done already: $dir"; return; fi
-  python train.py hydra.run.dir="$dir" "$@"
+  local resume=()
+  [ -f "$dir/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
+  python train.py hydra.run.dir="$dir" "${resume[@]}" "$@"
 }
 for seed in "$@"; do
   s="$out/seed$seed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -221,3 +222,23 @@ def test_min_snr_weights_are_finite_at_zero_terminal_snr(prediction_type):
     assert torch.isfinite(w).all()
     # epsilon: the limit of min(SNR, g)/SNR as SNR -> 0 is 1; v: min(SNR, g)/(SNR+1) = 0 at SNR 0.
     assert float(w[1]) == (1.0 if prediction_type == "epsilon" else 0.0)
+
+
+def test_the_resolved_schedule_names_what_stored_betas_are():
+    """Exports keep their betas as trained_betas and a stale beta_schedule label; results.json
+    names the schedule the betas are."""
+    from t2ilab.noise import resolved_beta_schedule
+
+    def config(schedule: str, label: str) -> dict:
+        betas = diffusers.DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule=schedule
+        ).betas.tolist()
+        return {"trained_betas": betas, "beta_schedule": label, "beta_start": 0.00085,
+                "beta_end": 0.012}
+
+    assert resolved_beta_schedule(config("scaled_linear", "linear")) == "scaled_linear"
+    assert resolved_beta_schedule(config("sigmoid", "linear")) == "sigmoid"
+    assert resolved_beta_schedule({"beta_schedule": "linear", "trained_betas": None}) == "linear"
+    odd = config("linear", "linear")
+    odd["trained_betas"] = [b * 1.5 for b in odd["trained_betas"]]
+    assert resolved_beta_schedule(odd) == "trained_betas"

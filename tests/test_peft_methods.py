@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _support import CONF, ROOT
+from _support import CONF
 from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
@@ -172,13 +172,39 @@ def test_textual_inversion_rejects_bad_tokens(components):
                 {"placeholder_token": "dog", "initializer_token": "toy", "num_vectors": 1}
             ),
         )
-    with pytest.raises(UserError, match="single token"):
+    with pytest.raises(UserError, match="gives no token to start from"):
         TextualInversionModule.prepare_tokenizer(
             c.tokenizer,
             OmegaConf.create(
-                {"placeholder_token": "<n>", "initializer_token": "a big toy", "num_vectors": 1}
+                {"placeholder_token": "<n>", "initializer_token": "", "num_vectors": 1}
             ),
         )
+
+
+def test_textual_inversion_starts_from_the_class_noun_by_default(make_cfg, components):
+    """experiment=textual_inversion with the default subject (a striped star) on the toy model,
+    whose tokenizer splits "toy" into three tokens: the new embedding starts from "star"."""
+    from t2ilab.models.loading import load_tokenizer
+    from t2ilab.modules.textual_inversion import initializer_ids
+
+    cfg = make_cfg("experiment=textual_inversion", "model=toy_sd")
+    assert cfg.method.initializer_token == cfg.data.class_noun == "star"
+    assert len(initializer_ids(load_tokenizer(cfg.model), "star")) == 1
+    # A word of several tokens starts from their mean embedding.
+    c = copy.deepcopy(components)
+    ids = initializer_ids(c.tokenizer, "a big toy")
+    assert len(ids) == 3
+    TextualInversionModule.prepare_tokenizer(
+        c.tokenizer,
+        OmegaConf.create({"placeholder_token": "<n>", "initializer_token": "a big toy",
+                          "num_vectors": 1}),
+    )
+    module = TextualInversionModule(
+        c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, placeholder_token="<n>",
+        initializer_token="a big toy",
+    )
+    table = module.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(table[module.placeholder_ids[0]], table[ids].mean(dim=0))
 
 
 @pytest.mark.parametrize(
@@ -202,7 +228,7 @@ def test_experiment_trains_and_exports(experiment, artefact, tmp_path):
     metadata = json.loads((export / "t2ilab.json").read_text())
     if experiment == "lora_dreambooth":  # on the shipped toy_sd: the export names its folder
         assert not (export / "base_model").exists()
-        assert metadata["base_model"] == str(ROOT / "models" / "toy" / "toy_sd")
+        assert metadata["base_model"] == "models/toy/toy_sd"  # relative to the project root
     else:  # a tiny base built from config has no folder: it is shipped alongside
         assert (export / "base_model" / "model_index.json").is_file()
     assert metadata["artefact"] in {"lora", "textual_inversion"}

@@ -197,6 +197,7 @@ def test_evaluate_measures_a_pixart_export(stages, tmp_path):
     proc = run_train(
         [
             f"export_dir={stages / 'stage3' / 'export'}",
+            "eval=tiny",  # the stage-3 run had no evaluation to repeat: name one
             f"data.instance_dir={images}",
             "data.identifier=sks",
             "data.class_noun=shape",

@@ -73,29 +73,62 @@ def tiny_trainer(tmp_path: Path, callbacks, max_steps: int, **kwargs) -> L.Train
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_nan_loss_stops_before_the_update_and_saves_last_good_weights(tmp_path, clip):
-    module = TinyModule(nan_at=3)
+def test_nan_loss_stops_before_the_update_and_names_where_to_resume(tmp_path, clip):
+    module = TinyModule(nan_at=5)
+    folder = tmp_path / "checkpoints"
+    checkpoint = KeepLastCheckpoint(
+        dirpath=str(folder),
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=2,
+        save_last=True,
+        keep_last=2,
+    )
     trainer = tiny_trainer(
         tmp_path,
-        [NonFiniteLossStop(dirpath=str(tmp_path / "checkpoints"))],
+        [checkpoint, NonFiniteLossStop(dirpath=str(folder))],
         max_steps=10,
-        enable_checkpointing=False,
         gradient_clip_val=clip,
     )
     with pytest.raises(UserError) as err:
         trainer.fit(module)
-    path = tmp_path / "checkpoints" / "nonfinite_step_000003.ckpt"
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("loss became nan at step 3;")
-    assert str(path) in message and "method.lr" in message and "gradient_clip_val" in message
-    assert trainer.global_step == 3  # the bad update was never applied
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 3
+    assert message.startswith("loss became nan at step 5 (largest trained weight")
+    # last.ckpt (step 4) trained to a finite loss at step 4: resume from it at a tenth of the lr.
+    assert f"hydra.run.dir={tmp_path} ckpt_path=last method.lr=0.01" in message
+    # Clipping is advised only where it is off.
+    assert ("gradient_clip_val=1.0" in message) == (clip is None)
+    assert trainer.global_step == 5  # the bad update was never applied
     for name, value in module.weights_at_nan.items():
-        assert torch.isfinite(value).all()
-        torch.testing.assert_close(saved["state_dict"][name], value, rtol=0, atol=0)
         torch.testing.assert_close(module.state_dict()[name], value, rtol=0, atol=0)
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not list(folder.glob("diverged_*"))  # no checkpoint held the failing weights
+
+
+def test_checkpoints_of_the_failing_step_are_set_aside(tmp_path):
+    """NaN right after a checkpoint: that checkpoint holds the weights that fail, so
+    ckpt_path=last must not find it; the older checkpoint is the one to resume from."""
+    module = TinyModule(nan_at=4)
+    folder = tmp_path / "checkpoints"
+    checkpoint = KeepLastCheckpoint(
+        dirpath=str(folder),
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=2,
+        save_last=True,
+        keep_last=2,
+    )
+    trainer = tiny_trainer(
+        tmp_path, [checkpoint, NonFiniteLossStop(dirpath=str(folder))], max_steps=10
+    )
+    with pytest.raises(UserError) as err:
+        trainer.fit(module)
+    assert f"ckpt_path={folder / 'step_000002.ckpt'}" in str(err.value)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "diverged_step_000004.ckpt",
+        "step_000002.ckpt",
+    ]
 
 
 def test_finite_loss_runs_to_the_end(tmp_path):
@@ -120,10 +153,9 @@ def test_nan_in_an_accumulated_micro_batch_stops_before_the_update(tmp_path):
         enable_checkpointing=False,
         accumulate_grad_batches=2,
     )
-    with pytest.raises(UserError, match="at step 1"):
+    with pytest.raises(UserError, match="at step 1 .*no checkpoint was saved before step 1"):
         trainer.fit(module)
     assert trainer.global_step == 1
-    assert (tmp_path / "checkpoints" / "nonfinite_step_000001.ckpt").is_file()
 
 
 # --- KeepLastCheckpoint -----------------------------------------------------------------------
@@ -214,9 +246,10 @@ def test_class_images_estimate_from_images_already_there(tmp_path, monkeypatch):
 # --- end to end: the real command line --------------------------------------------------------
 
 
-def test_nan_loss_ends_the_run_with_one_line_and_a_checkpoint(tmp_path):
+def test_nan_loss_ends_the_run_with_one_line_and_no_trap_for_resume(tmp_path):
     run_dir = tmp_path / "run"
-    # lr 1e20 without clipping: the first update blows the weights up, the next loss is NaN.
+    # lr 1e20 without clipping: the first update blows the weights up, the next loss is NaN,
+    # right after the step-1 checkpoint.
     proc = run_train(
         [
             "experiment=dreambooth",
@@ -224,6 +257,7 @@ def test_nan_loss_ends_the_run_with_one_line_and_a_checkpoint(tmp_path):
             "trainer.max_steps=6",
             "method.lr=1e20",
             "trainer.gradient_clip_val=null",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
         ],
         run_dir,
     )
@@ -231,15 +265,16 @@ def test_nan_loss_ends_the_run_with_one_line_and_a_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("t2ilab: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "loss became nan at step" in errors[0] and "method.lr" in errors[0]
+    assert "loss became nan at step 1" in errors[0]
+    assert "no checkpoint was saved before step 1: start again with method.lr=1e+19" in errors[0]
+    assert "trainer.gradient_clip_val=1.0" in errors[0]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "failed" and "loss became nan" in results["reason"]
-    (saved,) = (run_dir / "checkpoints").glob("nonfinite_step_*.ckpt")
-    assert saved.name in errors[0]
-    state = torch.load(saved, map_location="cpu", weights_only=False)
-    step = int(saved.stem.rsplit("_", 1)[1])
-    assert state["global_step"] == step and f"at step {step};" in errors[0]
-    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    # The step-1 checkpoint holds the diverged weights: ckpt_path=last cannot pick it up.
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["diverged_step_000001.ckpt"]
+    state = torch.load(run_dir / "checkpoints" / names[0], map_location="cpu", weights_only=False)
+    assert max(v.abs().max().item() for v in state["state_dict"].values()) > 1e6
 
 
 def train_command(args: list[str], run_dir: Path) -> list[str]:

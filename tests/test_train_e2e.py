@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _support import FAST, run_train
+from _support import FAST, ROOT, run_train
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from test_noise import expected_betas
 
@@ -155,15 +155,20 @@ def test_four_arm_sweep_is_one_multirun(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_sweep("improved_dreambooth_arms", ["trainer.max_steps=1"], sweep_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    arms = {}
+    arms, factors = {}, []
     for path in sweep_dir.glob("*/results.json"):
         results = json.loads(path.read_text())
         assert results["status"] == "ok"
         f = results["factors"]
+        factors.append(f)
         arms[f["experiment"]] = (f["noise.beta_schedule"], f["noise.zero_terminal_snr"])
+    # The model's own schedule is recorded as what it resolved to, never as null: toy_sd stores
+    # SD's scaled-linear betas as trained_betas.
+    own = json.loads((ROOT / "models/toy/toy_sd/scheduler/scheduler_config.json").read_text())
     assert arms == {
-        "dreambooth": (None, False),
-        "dreambooth_zsnr": (None, True),
+        "dreambooth": ("scaled_linear", False),
+        "dreambooth_zsnr": ("scaled_linear", True),
         "dreambooth_sigmoid": ("sigmoid", False),
         "dreambooth_sigmoid_zsnr": ("sigmoid", True),
     }
+    assert {f["noise.prediction_type"] for f in factors} == {own["prediction_type"]}

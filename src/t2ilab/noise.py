@@ -18,6 +18,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from t2ilab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -57,7 +59,7 @@ class NoiseConfig:
         cfg = dict(cfg or {})
         unknown = set(cfg) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown noise keys: {sorted(unknown)}")
+            raise UserError(f"unknown noise keys: {sorted(unknown)}")
         noise = cls(**cfg)
         noise.validate()
         return noise
@@ -67,16 +69,16 @@ class NoiseConfig:
         _check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("noise.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.offset_noise < 0:
-            raise ValueError(
+            raise UserError(
                 f"noise.offset_noise={self.offset_noise} must be >= 0 (0.1 is typical)"
             )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"noise.snr_gamma={self.snr_gamma} must be > 0 (5.0 is the paper's)")
+            raise UserError(f"noise.snr_gamma={self.snr_gamma} must be > 0 (5.0 is the paper's)")
 
 
 def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
     if value is not None and value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def build_noise_scheduler(
@@ -98,6 +100,26 @@ def build_noise_scheduler(
             "samplers clamp it; v-prediction is recommended (noise.prediction_type=v_prediction)"
         )
     return DDPMScheduler.from_config(config)
+
+
+def resolved_beta_schedule(config) -> str:
+    """The named schedule a scheduler config trains with. Exports store their betas as
+    `trained_betas` (which win over `beta_schedule`, then a stale label): name the schedule they
+    equal, or "trained_betas" when they equal none."""
+    betas = config.get("trained_betas") if hasattr(config, "get") else None
+    if betas is None:
+        return config["beta_schedule"]
+    betas = torch.tensor(betas, dtype=torch.float64)
+    for name in BETA_SCHEDULES:
+        candidate = DDPMScheduler(
+            num_train_timesteps=len(betas),
+            beta_start=config["beta_start"],
+            beta_end=config["beta_end"],
+            beta_schedule=name,
+        ).betas.double()
+        if torch.allclose(candidate, betas, rtol=1e-4, atol=1e-7):
+            return name
+    return "trained_betas"
 
 
 def sample_noise(latents: torch.Tensor, offset_noise: float = 0.0, generator=None) -> torch.Tensor:
@@ -127,7 +149,7 @@ def training_target(
         return scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    raise UserError(f"unsupported prediction_type {prediction_type!r}")
 
 
 def min_snr_weights(
@@ -149,7 +171,7 @@ def min_snr_weights(
         return clipped / (snr + 1)
     if prediction_type == "sample":
         return clipped
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    raise UserError(f"unsupported prediction_type {prediction_type!r}")
 
 
 def inference_scheduler_config(scheduler: DDPMScheduler, noise: NoiseConfig) -> dict[str, Any]:

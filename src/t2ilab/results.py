@@ -54,7 +54,10 @@ def write_results(
     reason: str | None = None,
     steps: int = 0,
     wall_time_s: float = 0.0,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`resumes`: each resume that changed a setting, {"step", "changed": {key: [old, new]}}
+    (t2ilab.resume), so the record shows what trained when."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
     results = {
@@ -66,5 +69,7 @@ def write_results(
         "steps": int(steps),
         "wall_time_s": round(float(wall_time_s), 3),
     }
+    if resumes:
+        results["resumes"] = resumes
     write_json_atomic(path, results)
     return results

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +19,32 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import t2ilab.quiet  # noqa: F401  (first of t2ilab's: silences known third-party noise)
 from t2ilab.callbacks.ema import EMACallback
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
+from t2ilab.checkpoints import AtomicCheckpointIO, inspect_checkpoint
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
 from t2ilab.launch import external_rank, local_rank, pin_job_for_lightning_ranks, rank_scope
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
-from t2ilab.models.export import export_pipeline
+from t2ilab.models.export import export_metadata, export_pipeline
 from t2ilab.models.loading import load_components, load_sd_components, load_tokenizer
 from t2ilab.models.pipelines import make_sampler
+from t2ilab.noise import NoiseConfig
+from t2ilab.preflight import preflight
+from t2ilab.resume import ApplyResumedSettings, settings_changes, settings_of
+from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
 from t2ilab.runner import experiment_name, run_task
 from t2ilab.validation import (
     check_alignment_matches_model,
+    check_devices,
     check_eval_matches_model,
+    check_numbers,
+    check_prior_preservation,
     check_resolution,
+    check_something_trains,
 )
 
 log = logging.getLogger("t2ilab.train")
@@ -139,6 +151,23 @@ def check_export_dir(cfg: DictConfig) -> None:
         )
 
 
+def check_outputs_apart_from_data(cfg: DictConfig) -> None:
+    """Nothing the run writes (its folder, export, class images, caches) lands among the user's
+    own files: a subject folder must never gain files."""
+    data = user_data_dirs(cfg)
+    check_apart_from_data("the run folder", Path(cfg.paths.output_dir), data)
+    if cfg.export.get("dir"):
+        check_apart_from_data("export.dir", Path(cfg.export.dir), data, "the export")
+    if cfg.data.get("cache_dir"):
+        check_apart_from_data("data.cache_dir", Path(cfg.data.cache_dir), data, "feature caches")
+    subject = {k: v for k, v in data.items() if k in ("data.instance_dir", "data.train_dir")}
+    if cfg.data.get("class_dir"):
+        check_apart_from_data("data.class_dir", Path(cfg.data.class_dir), subject, "class images")
+    check_apart_from_data(
+        "paths.class_images_dir", Path(cfg.paths.class_images_dir), subject, "class images"
+    )
+
+
 def check_ema(cfg: DictConfig) -> None:
     if not cfg.ema.enabled:
         return
@@ -224,15 +253,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.check_method(cfg.method)
-    check_eval_matches_model(cfg)  # config only: before anything reads a model
+    check_numbers(cfg)  # the config alone: before anything reads a model or a file
+    NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
+    check_prior_preservation(cfg)
+    check_something_trains(cfg)
+    check_eval_matches_model(cfg)
     check_alignment_matches_model(cfg)
+    check_ema(cfg)
+    check_devices(cfg)  # this machine
+    check_outputs_apart_from_data(cfg)  # the files: the user's and the run's
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
     check_model_inputs(cfg, datamodule)
-    check_ema(cfg)
     check_export_dir(cfg)
-    resume_from = resolve_ckpt_path(cfg)
+    resume = plan_resume(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     # A method may add tokens (textual inversion) and rewrite prompts to use them.
@@ -281,9 +316,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module.prompt_vars = prompt_vars
     module.prompt_transform = prompt_transform
     module.offload_text_encoder = bool(getattr(datamodule, "text_from_cache", False))
+    module.run_record = {"settings": settings_of(cfg), "resumes": resume.history}
 
     loggers = build_loggers(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    if resume.ckpt_path:
+        callbacks.append(ApplyResumedSettings(resume.changes))
     if cfg.ema.enabled:
         ema = {k: v for k, v in cfg.ema.items() if k != "enabled"}
         callbacks.insert(0, EMACallback(**ema))
@@ -296,14 +334,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             scheduler=cfg.eval.scheduler,
         )
         callbacks.append(evaluation)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=checkpoint_plugins(cfg)
+    )
     for lg in loggers:
         lg.log_hyperparams(flat_config(cfg))
     log_parameter_counts(module, loggers)
 
     pin_job_for_lightning_ranks()
     with rank_scope():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
 
     metrics = {}
     if "train/loss" in trainer.callback_metrics:
@@ -312,16 +352,72 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(evaluation.last_metrics)
     metrics.update(evaluate_toy_alignment(cfg, module, trainer, loggers))
     if trainer.is_global_zero and cfg.export.enabled:
-        metadata = {
-            "experiment": experiment_name(),
-            "method": cfg.method.name,
-            "base_model": cfg.model.pretrained,
-            **(datamodule.subject() if hasattr(datamodule, "subject") else {}),
-        }
+        metadata = export_metadata(
+            cfg,
+            experiment=experiment_name(),
+            subject=datamodule.subject() if hasattr(datamodule, "subject") else {},
+            dreambooth_evaluated=protocol is not None,
+        )
+        keep_previous_export(cfg, resume)
         with module.for_inference():  # e.g. the EMA weights when ema.enabled
             export_run(cfg, module, export_dir(cfg), metadata)
     finish_loggers(loggers)
-    return {"metrics": metrics, "steps": trainer.global_step}
+    return {
+        "metrics": metrics,
+        "steps": trainer.global_step,
+        "resolved": module.noise_factors(),
+        "resumes": resume.history,
+    }
+
+
+@dataclass
+class ResumePlan:
+    """How this run starts: from scratch, or from `ckpt_path` with `changes` to the settings
+    the checkpoint was trained with; `history`: every such change since the run began."""
+
+    ckpt_path: str | None = None
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+
+
+def plan_resume(cfg: DictConfig) -> ResumePlan:
+    """Before any weights load: the run folder is this run's to write, and the checkpoint (if
+    any) is whole, of this model and method, with settings that may change on resume."""
+    check_continuation(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), cfg, "the run folder")
+    path = resolve_ckpt_path(cfg)
+    if path is None:
+        return ResumePlan()
+    settings = settings_of(cfg)
+    record = inspect_checkpoint(Path(path), settings)
+    trained = record.get("settings")
+    if trained is None:
+        log.warning("%s has no record of its settings (an older checkpoint): not compared", path)
+    changes = settings_changes(trained, settings, path) if trained else {}
+    history = list(record.get("resumes", []))
+    if changes:
+        history.append({"step": record["global_step"], "changed": changes})
+    return ResumePlan(path, changes, history, record["global_step"])
+
+
+def checkpoint_plugins(cfg: DictConfig) -> list:
+    """Checkpoints written whole or not at all (t2ilab.checkpoints); DeepSpeed writes its own."""
+    strategy = cfg.trainer.get("strategy") or {}
+    target = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy)
+    return [] if "deepspeed" in target.lower() else [AtomicCheckpointIO()]
+
+
+def keep_previous_export(cfg: DictConfig, resume: ResumePlan) -> None:
+    """A run continued past its end keeps the export it had as export_step_<N>/ beside the new
+    one: nothing a finished run wrote is replaced."""
+    folder = export_dir(cfg)
+    if not resume.ckpt_path or cfg.export.get("dir") or not folder.is_dir():
+        return
+    kept = folder.with_name(f"{folder.name}_step_{resume.step:06d}")
+    if kept.exists():
+        return  # an earlier attempt at this continuation kept it already
+    os.replace(folder, kept)
+    log.info("export: the previous export (step %d) stays in %s", resume.step, kept)
 
 
 def evaluate_toy_alignment(cfg: DictConfig, module, trainer, loggers) -> dict[str, float]:
@@ -376,5 +472,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point (`t2ilab-train`); the repo's train.py calls the same."""
     os.environ.setdefault("T2ILAB_ROOT", str(Path.cwd()))
-    config_dir = str(Path(os.environ["T2ILAB_ROOT"]) / "conf")
-    hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(run)()
+    config_dir = Path(os.environ["T2ILAB_ROOT"]) / "conf"
+    preflight(config_dir, "train", sys.argv[1:])
+    hydra.main(version_base="1.3", config_path=str(config_dir), config_name="train")(run)()

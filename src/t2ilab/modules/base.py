@@ -16,12 +16,14 @@ import lightning as L
 import torch
 from torch import nn
 
+from t2ilab.checkpoints import check_loaded_weights, stamp
 from t2ilab.modules.losses import per_sample_mse, prior_preservation_loss
 from t2ilab.modules.step_random import StepRandom, grouped
 from t2ilab.noise import (
     NoiseConfig,
     build_noise_scheduler,
     min_snr_weights,
+    resolved_beta_schedule,
     training_target,
 )
 
@@ -68,6 +70,8 @@ class DiffusionModule(L.LightningModule):
         self.offload_text_encoder = False
         self.ema_callback = None  # set by t2ilab.callbacks.ema.EMACallback
         self._calls_without_trainer = 0
+        # What trained this module (settings, resumes): stamped into every checkpoint.
+        self.run_record: dict[str, Any] = {}
 
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
 
@@ -248,7 +252,30 @@ class DiffusionModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def noise_factors(self) -> dict[str, Any]:
+        """The objective as it resolved over the model's own scheduler config: the values a
+        `noise.*: null` ("the model's own") stands for, for results.json's factors."""
+        config = self.noise_scheduler.config
+        return {
+            "noise.beta_schedule": resolved_beta_schedule(config),
+            "noise.prediction_type": config.prediction_type,
+            "noise.num_train_timesteps": config.num_train_timesteps,
+            "noise.zero_terminal_snr": bool(config.rescale_betas_zero_snr),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Loading is partial (strict_loading=False): a checkpoint of another model or method
+        # would load nothing and train on silently; refuse it instead.
+        trainer = self._trainer
+        if trainer is not None and "FSDP" in type(trainer.strategy).__name__:
+            return  # sharded parameter names; the pre-check (inspect_checkpoint) still ran
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        path = str(trainer.ckpt_path) if trainer is not None else "the checkpoint"
+        check_loaded_weights(checkpoint, trainable, path)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_record:
+            stamp(checkpoint, self.run_record)
         # Frozen backbones (VAE, frozen text encoder) are reloaded from the model config; keeping
         # them out of every checkpoint saves gigabytes per save on SD-sized models.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

@@ -25,6 +25,18 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
+def initializer_ids(tokenizer, word: str | None) -> list[int]:
+    """The tokens the new embedding starts from: the initializer word's (by default the class
+    noun). A word of several tokens ("teddy bear") starts from their mean embedding."""
+    ids = tokenizer.encode(word or "", add_special_tokens=False)
+    if not ids:
+        raise UserError(
+            f"method.initializer_token={word!r} gives no token to start from: set "
+            "method.initializer_token=WORD (the class noun, e.g. dog) or data.class_noun"
+        )
+    return ids
+
+
 class TextualInversionModule(ParameterEfficientModule):
     artefact = "textual_inversion"
 
@@ -37,12 +49,7 @@ class TextualInversionModule(ParameterEfficientModule):
         placeholder, n = method_cfg.placeholder_token, int(method_cfg.num_vectors)
         if n < 1:
             raise UserError(f"method.num_vectors={n} must be >= 1")
-        initializer = tokenizer.encode(method_cfg.initializer_token, add_special_tokens=False)
-        if len(initializer) != 1:
-            raise UserError(
-                f"method.initializer_token={method_cfg.initializer_token!r} is {len(initializer)} "
-                "tokens: pick a word that is a single token (e.g. the class noun: dog, toy)"
-            )
+        initializer_ids(tokenizer, method_cfg.initializer_token)
         tokens = placeholder_tokens(placeholder, n)
         # A placeholder that is already one token (a real word like "dog") would hijack it.
         existing = len(tokenizer.encode(placeholder, add_special_tokens=False)) == 1
@@ -71,11 +78,12 @@ class TextualInversionModule(ParameterEfficientModule):
         self.placeholder_ids = tokenizer.convert_tokens_to_ids(tokens)
         if any(i == tokenizer.unk_token_id for i in self.placeholder_ids):
             raise RuntimeError("prepare_tokenizer must add the placeholder tokens first")
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        # The new rows are set from the initializer below: no need for transformers' mean resizing.
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         embeddings = text_encoder.get_input_embeddings().weight
-        init_id = tokenizer.encode(initializer_token, add_special_tokens=False)[0]
+        init_ids = initializer_ids(tokenizer, initializer_token)
         with torch.no_grad():
-            embeddings[self.placeholder_ids] = embeddings[init_id].clone()
+            embeddings[self.placeholder_ids] = embeddings[init_ids].mean(dim=0)
         embeddings.requires_grad_(True)
         keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
         keep[self.placeholder_ids] = False

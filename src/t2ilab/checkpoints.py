@@ -1,0 +1,127 @@
+"""Checkpoints a run can trust: written so that a full disk never leaves a truncated file where
+`ckpt_path=last` would load it, stamped with what trained them, and checked before a resume
+loads any weights.
+
+- `AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, flushes it
+  to disk, then renames it over the target. (Lightning's own save goes through a temporary file
+  in the system temp folder and a *copy* when that is another file system: a disk that fills up
+  during the copy leaves a truncated checkpoint in place of the last good one.)
+- `stamp` (called from the module's on_save_checkpoint) records the run's settings in the
+  checkpoint; `inspect_checkpoint` reads them back cheaply (memory-mapped) and refuses, in one
+  line, a file that is truncated, not a checkpoint, or from another model or method.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from t2ilab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RECORD_KEY = "t2ilab"
+# Settings a resume must keep: the checkpoint's weights mean nothing under other values.
+IDENTITY_KEYS = ("model.name", "model.pretrained", "method.name", "method.module._target_")
+# Errors that mean "the disk (or the user's quota or file-size limit) is full".
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full_message(path: Path, err: OSError) -> str:
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    return (
+        f"could not write {path}: {os.strerror(err.errno)} ({free / 2**20:.0f} MiB free): free "
+        "disk space or raise the file-size limit, then resume with ckpt_path=last "
+        "(the last complete checkpoint is untouched)"
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Torch checkpoints written whole or not at all, in the target's own folder."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        # The pid keeps two writers of one folder (a sweep's jobs) apart.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno in DISK_FULL:
+                raise UserError(disk_full_message(path, err)) from None
+            raise
+
+
+def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
+    """Record what trained this checkpoint (read back by inspect_checkpoint)."""
+    checkpoint[RECORD_KEY] = dict(record)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, memory-mapped where possible (tensors are not read until
+    used); a file that is not a whole torch checkpoint is a UserError naming it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False)  # legacy format
+    except Exception as err:  # truncated zip, pickle garbage, a text file, ...
+        raise UserError(
+            f"ckpt_path={path} cannot be read as a checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:120]}): it is truncated or not a Lightning checkpoint; "
+            f"resume from another file in {path.parent}"
+        ) from None
+
+
+def inspect_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Before any weights load: the checkpoint at `path` must be whole and have been trained
+    with this run's model and method (`settings`: flat config keys). Returns its record plus
+    `global_step`."""
+    checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(
+            f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict): pass "
+            "<run dir>/checkpoints/last.ckpt or a step_*.ckpt beside it"
+        )
+    record = dict(checkpoint.get(RECORD_KEY) or {})
+    trained = record.get("settings", {})
+    for key in IDENTITY_KEYS:
+        if key in trained and key in settings and trained[key] != settings[key]:
+            raise UserError(
+                f"ckpt_path={path} was trained with {key}={trained[key]}, this run has "
+                f"{key}={settings[key]}: resume with {key}={trained[key]}, or start a new run "
+                "without ckpt_path"
+            )
+    record["global_step"] = int(checkpoint.get("global_step", 0))
+    return record
+
+
+def check_loaded_weights(checkpoint: dict[str, Any], trainable: set[str], path: str) -> None:
+    """After Lightning read the checkpoint (loading is partial: checkpoints hold only trainable
+    weights): every trainable weight of this run must be in it, or it is another model's."""
+    missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+    if missing:
+        raise UserError(
+            f"ckpt_path={path} lacks {len(missing)} of this run's {len(trainable)} trained "
+            f"weights (e.g. {missing[0]}): it is from another model or method; resume with "
+            "the settings it was trained with, or start a new run without ckpt_path"
+        )
