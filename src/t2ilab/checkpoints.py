@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        # The pid keeps two writers of one folder (a sweep's jobs) apart.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_file(path, durable=True) as tmp, open(tmp, "wb") as f:
                 f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             if err.errno in DISK_FULL:
                 raise UserError(disk_full_message(path, err)) from None
             raise

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -18,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import atomic_file
 
 # The PNG text chunk "Software" of every figure a t2ilab tool writes starts with this, so a
 # rerun knows the file is its own to replace.
@@ -75,15 +74,8 @@ def save_marked_png(image: Image.Image, path: Path, software: str) -> Path:
     image), its "Software" text chunk set to `software` (PNG_SOFTWARE...), see `png_is_ours`."""
     info = PngInfo()
     info.add_text("Software", software)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -99,6 +91,14 @@ def first_line(path: Path) -> str:
 def text_starts_with(path: Path, *prefixes: str) -> bool:
     """Whether the first line of a text file starts with one of `prefixes`."""
     return first_line(path).startswith(prefixes)
+
+
+def check_png_output(path: Path, option: str = "--out") -> Path:
+    """A PNG these tools may write: its name ends in .png and it is new or their own."""
+    check_output(path, option, png_is_ours)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{option} {path}: the picture is a PNG: give a path ending in .png")
+    return path
 
 
 def check_output(path: Path, option: str, is_ours: Callable[[Path], bool]) -> Path:

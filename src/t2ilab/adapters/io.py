@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from t2ilab.adapters.attach import AdapterSet, _resolve_unet, attach_adapters
 from t2ilab.adapters.config import AdapterConfig
 from t2ilab.errors import UserError
-from t2ilab.utils.atomic import write_json_atomic
+from t2ilab.utils.atomic import atomic_file, write_json_atomic
 
 ADAPTER_WEIGHTS_NAME = "t2ilab_adapters.safetensors"
 ADAPTER_CONFIG_NAME = "t2ilab_adapters.json"
@@ -53,14 +52,8 @@ def save_adapters(
     state = {
         k: v.detach().to("cpu").contiguous() for k, v in adapter_set.adapters.state_dict().items()
     }
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(weights) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "t2ilab": FORMAT})
-        os.replace(tmp, weights)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     write_json_atomic(
         sidecar,
         {

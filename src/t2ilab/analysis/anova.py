@@ -46,7 +46,6 @@ from t2ilab.analysis.collect import (
     METRIC_PREFIX,
     _cell,
     _metric_sort_key,
-    _write_atomic,
     load_results_and_warn,
     results_root,
     summary,
@@ -62,6 +61,7 @@ from t2ilab.cli import (
     text_starts_with,
 )
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import write_text_atomic
 
 TABLE_COLUMNS = ["term", "df", "sum_sq", "F", "p", "partial_eta_sq"]
 RESIDUAL = "Residual"
@@ -480,9 +480,9 @@ def report_markdown(result: AnovaResult, source: str | None = None) -> str:
 def write_reports(result: AnovaResult, out: Path, source: str | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "anova.md", out / "anova.csv", out / "levels.csv"]
-    _write_atomic(paths[0], report_markdown(result, source))
-    _write_atomic(paths[1], result.table.to_csv(index=False))
-    _write_atomic(paths[2], level_means(result).to_csv(index=False))
+    write_text_atomic(paths[0], report_markdown(result, source), newline="")
+    write_text_atomic(paths[1], result.table.to_csv(index=False), newline="")
+    write_text_atomic(paths[2], level_means(result).to_csv(index=False), newline="")
     return paths
 
 
@@ -794,7 +794,7 @@ def _plots(
         grid = plots.heatmap_grid(heat.frame, result.metric_column, heat.row, heat.col, heat.levels)
         label = f"{grid.index.name} \\ {grid.columns.name}"  # rows \ columns
         files.append(out / "heatmap.csv")
-        _write_atomic(files[-1], grid.to_csv(index_label=label))
+        write_text_atomic(files[-1], grid.to_csv(index_label=label), newline="")
     if args.no_plots:
         return files, images
     try:

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from t2ilab.cli import (
     text_starts_with,
 )
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import write_text_atomic
 
 RESULTS_FILE = "results.json"
 BASE_COLUMNS = ["run_dir", "experiment", "status", "reason", "steps", "wall_time_s"]
@@ -288,16 +288,7 @@ def summary(df: pd.DataFrame, skipped_files: int = 0) -> str:
     return text
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def factor_names(df: pd.DataFrame) -> list[str]:
@@ -379,7 +370,7 @@ def _is_grouped_csv(path: Path) -> bool:
 def _write_tables(tables: dict[Path, str]) -> None:
     try:
         for path, text in tables.items():
-            _write_atomic(path, text)
+            write_text_atomic(path, text, newline="")
     except OSError as e:
         raise UserError(
             f"cannot write {e.filename or 'the table'} ({e.strerror or e}): "

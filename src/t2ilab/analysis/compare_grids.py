@@ -26,9 +26,8 @@ from t2ilab.analysis.collect import (
 from t2ilab.cli import (
     PNG_SOFTWARE,
     ArgumentParser,
-    check_output,
+    check_png_output,
     one_line_errors,
-    png_is_ours,
     save_marked_png,
 )
 from t2ilab.errors import UserError
@@ -167,11 +166,7 @@ def compare_grids(sweep: Path, where: dict[str, str] | None = None) -> Image.Ima
     return out
 
 
-def _check_out(path: Path) -> Path:
-    check_output(path, "--out", png_is_ours)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {path}: the picture is a PNG: give a path ending in .png")
-    return path
+
 
 
 @one_line_errors
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     where = parse_where(args.where)
-    out = _check_out(args.out.expanduser())
+    out = check_png_output(args.out.expanduser())
     picture = compare_grids(args.sweep, where)
     try:
         save_marked_png(picture, out, SOFTWARE)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from t2ilab.cli import ArgumentParser, check_output, one_line_errors, png_is_ours
+from t2ilab.cli import ArgumentParser, check_png_output, one_line_errors
 from t2ilab.data.images import ImageTransform, check_image_folder, list_images, load_rgb
 from t2ilab.errors import UserError
 
@@ -323,11 +323,7 @@ def _check_device(name: str | None) -> str:
     return name
 
 
-def _check_out(path: Path) -> Path:
-    check_output(path, "--out", png_is_ours)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {path}: the figure is a PNG: give a path ending in .png")
-    return path
+
 
 
 def _check_inputs(args: argparse.Namespace) -> list[Path]:
@@ -340,7 +336,7 @@ def _check_inputs(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--images {args.images} is a file: pass the folder that holds images")
     if not list_images(folder):
         raise UserError(f"--images {args.images} has no images: add .jpg/.png/.webp files to it")
-    _check_out(args.out.expanduser())
+    check_png_output(args.out.expanduser())
     if args.prompt_a == args.prompt_b:
         raise UserError(
             "--prompt-a and --prompt-b are the same, so every map would be 0: drop the "

@@ -12,9 +12,7 @@ factor columns holding string levels, and the metric column.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pandas as pd
 
 from t2ilab.analysis.anova import distinct_decimals, level_order, short
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import atomic_file
 
 INPUT_POSITION = "input_position"
 OUTPUT_POSITION = "output_position"
@@ -51,15 +50,8 @@ def new_figure(width: float, height: float) -> Any:
 def save_png(figure: Any, path: Path, tool: str = "t2ilab.analysis.anova") -> Path:
     """PNG via a temp file in the same folder, so a crash never leaves half an image; the
     "Software" text chunk names the tool, so that a rerun knows the file is its own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, metadata={"Software": tool})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from t2ilab.data.images import list_images, load_rgb, opened_image
 from t2ilab.errors import UserError
+from t2ilab.utils.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +311,6 @@ def generate_captions(
     return [c.strip() for c in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- the folder ----------------------------------------------------------------------------------
 
 
@@ -395,7 +387,7 @@ def caption_folder(
             for path, caption in zip(batch, captions, strict=True):
                 caption = caption.strip()
                 if caption:
-                    _write_text_atomic(caption_path(path, target), caption + "\n")
+                    write_text_atomic(caption_path(path, target), caption + "\n")
                     summary["captioned"] += 1
                 else:
                     empty.append(path.name)

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from t2ilab.data.images import load_rgb
 from t2ilab.errors import UserError
-from t2ilab.utils.atomic import write_json_atomic
+from t2ilab.utils.atomic import atomic_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -331,15 +330,9 @@ class FeatureCache:
             for feature, tensor in features.items()
         }
         item_ids = [item_id for item_id, _ in entries]
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(self.path / name) as tmp:
             # The ids in the shard's own metadata keep it self-describing.
             save_file(tensors, tmp, metadata={"format": str(FORMAT), "ids": json.dumps(item_ids)})
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         manifest["shards"].append({"file": name, "ids": item_ids})
         write_json_atomic(self.path / MANIFEST_FILE, manifest)
 

@@ -28,9 +28,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from t2ilab.errors import UserError
-from t2ilab.utils.atomic import save_image_atomic
+from t2ilab.utils.atomic import save_image_atomic, write_text_atomic
 
 # --- the world's vocabulary ----------------------------------------------------------------------
 
@@ -729,13 +727,6 @@ def write_subject(
     return paths
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_captioned(
     out_dir: str | Path, n: int, seed: int = 0, resolution: int = 64, caption: str = "dense"
 ) -> Path:
@@ -755,7 +746,7 @@ def write_captioned(
         save_image_atomic(render(scene, resolution), out / name)
         lines.append(json.dumps({"file_name": name, "text": to_text(scene)}))
     metadata = out / "metadata.jsonl"
-    _write_text_atomic(metadata, "\n".join(lines) + "\n")
+    write_text_atomic(metadata, "\n".join(lines) + "\n")
     return metadata
 
 

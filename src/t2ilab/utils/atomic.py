@@ -135,12 +135,26 @@ def _temp_file_for(path: Path, mode: str) -> Iterator[tuple[Any, Path]]:
         tmp.unlink(missing_ok=True)  # gone already when it was renamed into place
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary beside `path` for any writer to write the file to (PIL, matplotlib,
+    safetensors, torch): it replaces `path` in one rename when the block ends, and is deleted if
+    the block fails. `durable`: flushed to the disk before the rename (checkpoints)."""
     path = Path(path)
-    with _temp_file_for(path, "w") as (f, tmp):
-        f.write(text)
+    with _temp_file_for(path, "wb") as (f, tmp):
         f.close()
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as written:
+                os.fsync(written.fileno())
         os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, newline: str | None = None) -> None:
+    """UTF-8 text; `newline=""` writes line endings as they are in `text` (CSV)."""
+    path = Path(path)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
