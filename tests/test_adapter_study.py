@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from _support import ROOT, run_sweep
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_position_sweep_then_anova(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # 3 x 2 of the 10 x 7 grid: five valid pairs and one impossible (FFN_out -> FFN_in).

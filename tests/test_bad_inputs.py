@@ -104,7 +104,9 @@ CASES = {
     "nothing trains": (lambda t: ["method.train_unet=false"], "nothing would train"),
     # Prompts that tokenize badly.
     "prompt longer than the text encoder reads": (
-        lambda t: ["data.instance_prompt_template='" + "a very " * 20 + "{identifier} {class_noun}'"],
+        lambda t: [
+            "data.instance_prompt_template='" + "a very " * 20 + "{identifier} {class_noun}'"
+        ],
         r"data.instance_prompt=.* is \d+ tokens, more than the 32 the text encoder reads",
     ),
     "template with an unknown field": (

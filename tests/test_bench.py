@@ -19,6 +19,7 @@ def _assert_positive_finite(row):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
 
 
+@pytest.mark.slow
 def test_cli_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "t2ilab.bench", "--steps", "2", "--warmup", "1"]

@@ -66,6 +66,7 @@ def test_a_full_disk_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
 
 
+@pytest.mark.slow
 def test_a_run_on_a_full_disk_ends_with_one_line_and_no_partial_checkpoint(tmp_path):
     """A file-size limit below a checkpoint's size (12 MB for tiny_sd) stands in for a full
     disk: every other file the run writes before its first checkpoint is smaller."""

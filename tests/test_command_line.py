@@ -57,8 +57,11 @@ def snapshot(folder: Path) -> dict[str, str]:
 TYPOS = {
     "group value": (["model=sd51"], r"model=sd51 is not one of conf/model/: .*tiny_sd"),
     "close group value": (["experiment=dreambooht"], r"did you mean experiment=dreambooth\?"),
-    "key": (["trainer.max_stepz=3"], r"trainer.max_stepz is not a config key: did you mean "
-            r"trainer.max_steps\? .*\+trainer.max_stepz=3"),
+    "key": (
+        ["trainer.max_stepz=3"],
+        r"trainer.max_stepz is not a config key: did you mean "
+        r"trainer.max_steps\? .*\+trainer.max_stepz=3",
+    ),
     "top-level key": (["sed=1"], r"sed is not a config key: did you mean seed\?"),
     "no equals sign": (["max_steps"], r"cannot read the override 'max_steps': write it as key=v"),
     "a sweep without -m": (["seed=1,2"], r"seed=1,2 lists several values: add -m"),
@@ -68,7 +71,10 @@ TYPOS = {
         r"method.lrr is not a config key: did you mean method.lr\?",
     ),
     "unknown config name": (["--config-name", "trian"], r"--config-name trian is not in"),
-    "adding a key that exists": (["+seed=1"], r"seed already exists: set it without the leading \+"),
+    "adding a key that exists": (
+        ["+seed=1"],
+        r"seed already exists: set it without the leading \+",
+    ),
 }
 
 
@@ -144,7 +150,10 @@ def test_a_finished_run_is_not_replaced(tmp_path):
     run = fake_run(tmp_path / "finished", finished=True)
     before = snapshot(run)
     line = one_error_line(cli([f"hydra.run.dir={run}"]))
-    assert "holds a finished run: choose a new folder, or continue this one with ckpt_path=last" in line
+    assert (
+        "holds a finished run: choose a new folder, or continue this one with ckpt_path=last"
+        in line
+    )
     assert "trainer.max_steps=N (N > 4)" in line
     # Continuing it without a step to train would rewrite results.json with nothing in it.
     line = one_error_line(cli([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_steps=4"]))
@@ -171,8 +180,11 @@ def test_evaluate_does_not_write_into_a_training_run(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"PK\x03\x04 truncated zip", b"not a checkpoint at all\n"],
-    ids=["empty", "truncated", "text"],
+    [
+        pytest.param(b"", marks=pytest.mark.slow, id="empty"),
+        pytest.param(b"PK\x03\x04 truncated zip", id="truncated"),
+        pytest.param(b"not a checkpoint at all\n", marks=pytest.mark.slow, id="text"),
+    ],
 )
 def test_an_unreadable_checkpoint_is_named_before_anything_loads(tmp_path, content):
     run = fake_run(tmp_path / "run", finished=False)
@@ -198,11 +210,17 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize(
     ("trained", "pattern"),
     [
-        ({"method.name": "lora"}, r"was trained with method.name=lora, this run has "
-         r"method.name=dreambooth: resume with method.name=lora"),
+        (
+            {"method.name": "lora"},
+            r"was trained with method.name=lora, this run has "
+            r"method.name=dreambooth: resume with method.name=lora",
+        ),
         ({"model.name": "sd15"}, r"was trained with model.name=sd15"),
-        ({"noise.prediction_type": "v_prediction"}, r"was trained with noise.prediction_type="
-         r"'v_prediction' \(now None\): a resume keeps the model, method, noise and data"),
+        (
+            {"noise.prediction_type": "v_prediction"},
+            r"was trained with noise.prediction_type="
+            r"'v_prediction' \(now None\): a resume keeps the model, method, noise and data",
+        ),
         ({"data.batch_size": 8}, r"data.batch_size=8 \(now 1\)"),
     ],
 )

@@ -214,6 +214,7 @@ def _unet_update(run_dir: Path, base: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(trained[k] - base[k]).flatten() for k in sorted(base)])
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_with_the_doubled_batch(tmp_path):
     runs = {
         "ddp": [
@@ -269,6 +270,7 @@ def test_single_job_argv_keeps_the_config_and_this_jobs_overrides():
     ]
 
 
+@pytest.mark.slow
 def test_a_multirun_of_ddp_jobs_trains_each_job_once_in_its_own_folder(tmp_path):
     """Lightning's launcher re-runs the command for rank 1: without pinning it to the job, rank
     1 would run the whole sweep; without clearing LOCAL_RANK, job 2 would wait forever."""

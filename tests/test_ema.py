@@ -34,6 +34,7 @@ def _exported_unet(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_export_holds_the_ema_of_the_raw_weights(tmp_path):
     run = tmp_path / "run"
     proc = run_train(
@@ -67,6 +68,7 @@ def _ema_decay(optimization_step: int) -> float:
     return 0.0 if step <= 0 else min(DECAY, (1 + step) / (10 + step))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_checkpointed_ema(tmp_path):
     """After resuming at step 2, the EMA goes on from the checkpoint's EMA (not from the current
     weights, which a fresh EMA would start from)."""
@@ -103,6 +105,7 @@ def test_a_resumed_run_continues_the_checkpointed_ema(tmp_path):
         (["trainer=fsdp"], "not with sharded parameters"),
     ],
 )
+@pytest.mark.slow
 def test_bad_ema_settings_fail_before_training(overrides, match, tmp_path):
     proc = run_train([*ARGS, *overrides], tmp_path / "run")
     assert proc.returncode == 2

@@ -27,6 +27,7 @@ def _evaluate(args, out_dir):
     return proc, (out_dir / "results.json")
 
 
+@pytest.mark.slow
 def test_evaluating_a_run_reproduces_its_training_metrics(trained, tmp_path):
     proc, results = _evaluate([f"run_dir={trained}", *EVAL_FAST], tmp_path / "after")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +41,7 @@ def test_evaluating_a_run_reproduces_its_training_metrics(trained, tmp_path):
     assert (tmp_path / "after" / "samples" / "prompts.csv").is_file()
 
 
+@pytest.mark.slow
 def test_base_model_gives_comparable_before_numbers(trained, tmp_path):
     proc, results = _evaluate(EVAL_FAST, tmp_path / "before")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +51,7 @@ def test_base_model_gives_comparable_before_numbers(trained, tmp_path):
     assert before != {k: after[k] for k in before}  # fine-tuning changed the model
 
 
+@pytest.mark.slow
 def test_fid_and_kid_against_a_reference_folder(trained, tmp_path):
     reference = ROOT / "data" / "example_subject"
     proc, results = _evaluate(
@@ -256,6 +259,7 @@ def test_bad_evaluation_input(overrides, match, make_cfg, tmp_path, monkeypatch)
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_evaluator_model_is_one_line_and_exit_2(tmp_path):
     proc, results = _evaluate(
         [

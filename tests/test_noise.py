@@ -233,8 +233,12 @@ def test_the_resolved_schedule_names_what_stored_betas_are():
         betas = diffusers.DDPMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule=schedule
         ).betas.tolist()
-        return {"trained_betas": betas, "beta_schedule": label, "beta_start": 0.00085,
-                "beta_end": 0.012}
+        return {
+            "trained_betas": betas,
+            "beta_schedule": label,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        }
 
     assert resolved_beta_schedule(config("scaled_linear", "linear")) == "scaled_linear"
     assert resolved_beta_schedule(config("sigmoid", "linear")) == "sigmoid"

@@ -196,11 +196,17 @@ def test_textual_inversion_starts_from_the_class_noun_by_default(make_cfg, compo
     assert len(ids) == 3
     TextualInversionModule.prepare_tokenizer(
         c.tokenizer,
-        OmegaConf.create({"placeholder_token": "<n>", "initializer_token": "a big toy",
-                          "num_vectors": 1}),
+        OmegaConf.create(
+            {"placeholder_token": "<n>", "initializer_token": "a big toy", "num_vectors": 1}
+        ),
     )
     module = TextualInversionModule(
-        c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, placeholder_token="<n>",
+        c.unet,
+        c.vae,
+        c.text_encoder,
+        c.tokenizer,
+        c.scheduler_config,
+        placeholder_token="<n>",
         initializer_token="a big toy",
     )
     table = module.text_encoder.get_input_embeddings().weight
@@ -215,6 +221,7 @@ def test_textual_inversion_starts_from_the_class_noun_by_default(make_cfg, compo
         ("lora_finetune", "pytorch_lora_weights.safetensors"),
     ],
 )
+@pytest.mark.slow
 def test_experiment_trains_and_exports(experiment, artefact, tmp_path):
     import json
 

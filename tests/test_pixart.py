@@ -37,6 +37,7 @@ def stages(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_each_stage_runs_and_starts_from_the_previous(stages):
     for i, name in enumerate(("pixart_stage1", "pixart_stage2", "pixart_stage3"), start=1):
         results = json.loads((stages / f"stage{i}" / "results.json").read_text())
@@ -46,6 +47,7 @@ def test_each_stage_runs_and_starts_from_the_previous(stages):
     assert "init: PixArt transformer from" in logs[3]
 
 
+@pytest.mark.slow
 def test_stage1_exports_a_dit_pipeline(stages):
     export = stages / "stage1" / "export"
     pipe = DiTPipeline.from_pretrained(export)
@@ -55,6 +57,7 @@ def test_stage1_exports_a_dit_pipeline(stages):
     assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_stage3_starts_from_stage2_weights_and_exports_pixart(stages):
     stage2 = PixArtTransformer2DModel.from_pretrained(
         stages / "stage2" / "export", subfolder="transformer"
@@ -78,6 +81,7 @@ def test_stage3_starts_from_stage2_weights_and_exports_pixart(stages):
     assert out.shape == (1, 128, 128, 3) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_dreambooth_pixart_exports_and_generates(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(["experiment=dreambooth_pixart", *FAST, "trainer.max_steps=2"], run_dir)
@@ -192,6 +196,7 @@ def test_multi_aspect_batches_are_homogeneous(tmp_path):
     assert len(shapes) == 3  # portrait, landscape and square buckets, never mixed in a batch
 
 
+@pytest.mark.slow
 def test_evaluate_measures_a_pixart_export(stages, tmp_path):
     images = ROOT / "data" / "example_captioned"
     proc = run_train(

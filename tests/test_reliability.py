@@ -69,6 +69,19 @@ def tiny_trainer(tmp_path: Path, callbacks, max_steps: int, **kwargs) -> L.Train
     )
 
 
+def step_checkpoints_in(folder, every=2, **kwargs):
+    """Checkpoints named as the runs name them, with last.ckpt beside them."""
+    kwargs.setdefault("keep_last", 2)
+    return KeepLastCheckpoint(
+        dirpath=str(folder),
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every,
+        save_last=True,
+        **kwargs,
+    )
+
+
 # --- NonFiniteLossStop ------------------------------------------------------------------------
 
 
@@ -76,14 +89,7 @@ def tiny_trainer(tmp_path: Path, callbacks, max_steps: int, **kwargs) -> L.Train
 def test_nan_loss_stops_before_the_update_and_names_where_to_resume(tmp_path, clip):
     module = TinyModule(nan_at=5)
     folder = tmp_path / "checkpoints"
-    checkpoint = KeepLastCheckpoint(
-        dirpath=str(folder),
-        filename="step_{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=2,
-        save_last=True,
-        keep_last=2,
-    )
+    checkpoint = step_checkpoints_in(folder)
     trainer = tiny_trainer(
         tmp_path,
         [checkpoint, NonFiniteLossStop(dirpath=str(folder))],
@@ -111,14 +117,7 @@ def test_checkpoints_of_the_failing_step_are_set_aside(tmp_path):
     ckpt_path=last must not find it; the older checkpoint is the one to resume from."""
     module = TinyModule(nan_at=4)
     folder = tmp_path / "checkpoints"
-    checkpoint = KeepLastCheckpoint(
-        dirpath=str(folder),
-        filename="step_{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=2,
-        save_last=True,
-        keep_last=2,
-    )
+    checkpoint = step_checkpoints_in(folder)
     trainer = tiny_trainer(
         tmp_path, [checkpoint, NonFiniteLossStop(dirpath=str(folder))], max_steps=10
     )
@@ -175,14 +174,7 @@ def step_checkpoints(folder: Path) -> list[str]:
 )
 def test_keep_last_bounds_step_checkpoints(tmp_path, kwargs, expected):
     folder = tmp_path / "checkpoints"
-    checkpoint = KeepLastCheckpoint(
-        dirpath=str(folder),
-        filename="step_{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=1,
-        save_last=True,
-        **kwargs,
-    )
+    checkpoint = step_checkpoints_in(folder, every=1, **kwargs)
     tiny_trainer(tmp_path, [checkpoint], max_steps=6).fit(TinyModule())
     assert step_checkpoints(folder) == expected
     assert (folder / "last.ckpt").is_file()
@@ -246,6 +238,7 @@ def test_class_images_estimate_from_images_already_there(tmp_path, monkeypatch):
 # --- end to end: the real command line --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_loss_ends_the_run_with_one_line_and_no_trap_for_resume(tmp_path):
     run_dir = tmp_path / "run"
     # lr 1e20 without clipping: the first update blows the weights up, the next loss is NaN,
@@ -319,6 +312,7 @@ def kill_once_checkpointed(cmd: list[str], last: Path, min_step: int, timeout: f
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     run_dir = tmp_path / "run"
     args = [

@@ -70,8 +70,9 @@ def test_a_lower_lr_on_resume_is_used_and_recorded(tmp_path):
     assert OmegaConf.load(run / ".hydra" / "resume_1" / "config.yaml").method.lr == 1e-4
 
     # The finished run's export is kept, the new one is the continued model.
-    kept = load_file(tmp_path / "run" / "export_step_000004" / "unet" /
-                     "diffusion_pytorch_model.safetensors")
+    kept = load_file(
+        tmp_path / "run" / "export_step_000004" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
     new = load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(kept[k], first_export[k]) for k in first_export)
     assert any(not torch.equal(new[k], first_export[k]) for k in first_export)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from _support import FAST, ROOT
 
 from t2ilab.sweep_summary import summarize, sweep_outcomes
@@ -39,6 +40,7 @@ def test_the_summary_names_each_failed_run_and_counts_the_rest(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failed_run_exits_1_and_says_so_last(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [

@@ -233,6 +233,7 @@ def _pretrain(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_recipe_smoke_and_no_overwrite(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -282,6 +283,7 @@ def test_toy_sd_is_a_complete_pipeline_over_the_shipped_parts(toy_sd, clip):
     assert image.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_toy_sd_follows_the_colours_of_a_prompt(toy_sd):
     """Read from the pixels, no model involved (quality.read_colors is exact on renders)."""
     metrics = quality.sd_quality(toy_sd, SEED, n=32)

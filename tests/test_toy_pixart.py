@@ -57,6 +57,7 @@ def stages(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_stages_hand_over_and_score_prompt_following(stages):
     logs = {i: (stages / f"stage{i}" / "train.log").read_text() for i in (2, 3)}
     assert "reparameterised from the DiT" in logs[2]
@@ -73,6 +74,7 @@ def test_stages_hand_over_and_score_prompt_following(stages):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow
 def test_alignment_cli_scores_an_export(stages, stage, tmp_path):
     grid = tmp_path / "grid.png"
     export = stages / f"stage{stage}" / "export"
@@ -87,6 +89,7 @@ def test_alignment_cli_scores_an_export(stages, stage, tmp_path):
     assert Image.open(grid).size[0] == 8 * 64  # 8 images of 64 px a row
 
 
+@pytest.mark.slow
 def test_alignment_cli_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "t2ilab.toy.alignment", str(tmp_path)],
@@ -96,6 +99,7 @@ def test_alignment_cli_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     assert bad.returncode != 0 and "no model_index.json" in bad.stderr
 
 
+@pytest.mark.slow
 def test_stage1_trains_the_null_class_that_guidance_samples_with(stages):
     """The DiT drops labels to its null class (id 1000) only in train mode; components load in
     eval mode and Lightning keeps it, so the module must switch itself (on_train_start). 96
@@ -119,6 +123,7 @@ def test_stage1_trains_the_null_class_that_guidance_samples_with(stages):
     assert torch.nonzero(changed).flatten().tolist() == [*range(len(SHAPES)), 1000]
 
 
+@pytest.mark.slow
 def test_stage3_export_loads_in_diffusers_at_its_new_resolution(stages):
     pipe = PixArtAlphaPipeline.from_pretrained(stages / "stage3" / "export")
     assert isinstance(pipe.text_encoder, CLIPTextModel)
@@ -138,6 +143,7 @@ def test_stage3_export_loads_in_diffusers_at_its_new_resolution(stages):
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow
 def test_ship_links_every_shared_part_and_records_all_stages(stages, tmp_path):
     import shutil
 
@@ -161,6 +167,7 @@ def test_ship_links_every_shared_part_and_records_all_stages(stages, tmp_path):
     assert image.images.shape == (1, 128, 128, 3)
 
 
+@pytest.mark.slow
 def test_resolution_change_keeps_the_function_at_the_new_size(stages):
     """Stage 3 starts as exactly what stage 2's model computes on 128 px latents."""
     source = stages / "stage2" / "export"
@@ -182,6 +189,7 @@ def test_resolution_change_keeps_the_function_at_the_new_size(stages):
         torch.testing.assert_close(after(x, **kwargs).sample, before(x, **kwargs).sample)
 
 
+@pytest.mark.slow
 def test_a_finished_stage_is_not_run_again(stages):
     before = (stages / "stage1" / "results.json").read_text()
     proc = _stages(stages)

@@ -133,6 +133,7 @@ def test_a_new_unet_over_pretrained_parts_from_folders(tmp_path, tokenizer):
         load_sd_components(cfg)
 
 
+@pytest.mark.slow
 def test_export_dir_is_written_and_never_replaced_unasked(tmp_path):
     from _support import FAST, run_train
 

@@ -117,6 +117,7 @@ def test_export_loads_in_stock_diffusers_and_generates(run_dir, sampler):
     assert np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step(run_dir, tmp_path):
     resumed = tmp_path / "resumed"
     proc = run_train(
@@ -135,6 +136,7 @@ def test_resume_continues_at_the_right_step(run_dir, tmp_path):
     assert json.loads((resumed / "results.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_resume_last_in_the_same_run(run_dir):
     proc = run_train(
         [f"experiment={EXPERIMENT}", *FAST, "trainer.max_steps=5", "ckpt_path=last"], run_dir
@@ -149,6 +151,7 @@ def test_resume_last_in_the_same_run(run_dir):
     assert logged_steps(1) == [4]
 
 
+@pytest.mark.slow
 def test_four_arm_sweep_is_one_multirun(tmp_path):
     from _support import run_sweep
 

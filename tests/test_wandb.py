@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from _support import FAST, run_train
 from lightning.pytorch.utilities import rank_zero_only
 from wandb_history import history_keys
@@ -21,6 +22,7 @@ from t2ilab.loggers import (
 )
 
 
+@pytest.mark.slow
 def test_default_wandb_logger_runs_offline_and_logs_history(tmp_path):
     fast = [o for o in FAST if not o.startswith("logger=")]
     env = {

@@ -69,9 +69,7 @@ class NoiseConfig:
         _check_choice("noise.prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("noise.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.offset_noise < 0:
-            raise UserError(
-                f"noise.offset_noise={self.offset_noise} must be >= 0 (0.1 is typical)"
-            )
+            raise UserError(f"noise.offset_noise={self.offset_noise} must be >= 0 (0.1 is typical)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"noise.snr_gamma={self.snr_gamma} must be > 0 (5.0 is the paper's)")
 

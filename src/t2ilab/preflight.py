@@ -137,9 +137,13 @@ def compose(conf_dir: Path, config_dir: Path | None, name: str, overrides: list[
 
     import t2ilab.launch  # noqa: F401  (registers the resolvers the configs use)
 
-    primary, extra = (config_dir, [f"hydra.searchpath=[file://{conf_dir}]"]) if config_dir else (
-        conf_dir,
-        [],
+    primary, extra = (
+        (config_dir, [f"hydra.searchpath=[file://{conf_dir}]"])
+        if config_dir
+        else (
+            conf_dir,
+            [],
+        )
     )
     GlobalHydra.instance().clear()
     try:
@@ -198,8 +202,7 @@ def _composition_error(err, conf_dir, config_dir, name: str, overrides: list[str
         close = _close_keys(conf_dir, config_dir, name, others, key)
         hint = f"did you mean {close}? " if close else ""
         return (
-            f"{key} is not a config key: {hint}fix the name, or add a new key with "
-            f"+{key}={value}"
+            f"{key} is not a config key: {hint}fix the name, or add a new key with +{key}={value}"
         )
     if first.startswith("Could not append to config"):
         key = next((o[1:].split("=", 1)[0] for o in overrides if o.startswith("+")), "the key")
@@ -226,4 +229,6 @@ def _parse_error(overrides: list[str], err) -> str:
     if bad is not None:
         return f"cannot read the override {bad!r}: write it as key=value"
     first = str(err).splitlines()[0]
-    return f"cannot read the overrides ({first}): quote values with brackets or commas, e.g. key='[a'"
+    return (
+        f"cannot read the overrides ({first}): quote values with brackets or commas, e.g. key='[a'"
+    )

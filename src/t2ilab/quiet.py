@@ -57,7 +57,6 @@ def install() -> None:
     )
 
 
-
 def route_lightning_through_root() -> None:
     """Once Hydra has configured logging: Lightning's messages go through the root logger only
     (Hydra's console format, and train.log). The `lightning` package adds a console handler of

@@ -84,7 +84,9 @@ def check_numbers(cfg: DictConfig) -> None:
     """Every number a user commonly sets, in its range, before anything loads."""
     lr = _number(cfg, "method.lr")
     if lr is not None and lr <= 0:
-        raise UserError(f"method.lr={lr} must be positive: e.g. method.lr=1e-4 (nothing trains at 0)")
+        raise UserError(
+            f"method.lr={lr} must be positive: e.g. method.lr=1e-4 (nothing trains at 0)"
+        )
     steps = _number(cfg, "trainer.max_steps", whole=True)
     epochs = _number(cfg, "trainer.max_epochs", whole=True)
     if steps is not None and (steps == 0 or steps < -1):
@@ -141,8 +143,10 @@ def check_prior_preservation(cfg: DictConfig) -> None:
 
 def check_something_trains(cfg: DictConfig) -> None:
     method = cfg.get("method") or {}
-    if "train_unet" in method and not method.get("train_unet") and not method.get(
-        "train_text_encoder", False
+    if (
+        "train_unet" in method
+        and not method.get("train_unet")
+        and not method.get("train_text_encoder", False)
     ):
         raise UserError(
             "method.train_unet=false and method.train_text_encoder=false: nothing would train; "

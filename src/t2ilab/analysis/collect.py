@@ -288,9 +288,6 @@ def summary(df: pd.DataFrame, skipped_files: int = 0) -> str:
     return text
 
 
-
-
-
 def factor_names(df: pd.DataFrame) -> list[str]:
     """What a user may group or filter by: `experiment` and every factor key of the runs."""
     names = [c[len(FACTOR_PREFIX) :] for c in df.columns if c.startswith(FACTOR_PREFIX)]

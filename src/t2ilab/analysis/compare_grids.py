@@ -166,9 +166,6 @@ def compare_grids(sweep: Path, where: dict[str, str] | None = None) -> Image.Ima
     return out
 
 
-
-
-
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(

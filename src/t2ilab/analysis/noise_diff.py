@@ -323,9 +323,6 @@ def _check_device(name: str | None) -> str:
     return name
 
 
-
-
-
 def _check_inputs(args: argparse.Namespace) -> list[Path]:
     """Everything checkable before weights load; returns the image paths."""
     num_train_timesteps = _check_pipeline(args.pipeline.expanduser())

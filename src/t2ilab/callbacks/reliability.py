@@ -97,7 +97,9 @@ class NonFiniteLossStop(L.Callback):
 def checkpoint_step(path: Path) -> int | None:
     """The global step a checkpoint file holds (memory-mapped: no tensor is read)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        return int(
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+        )
     except Exception:  # unreadable: not a checkpoint to resume from
         return None
 

@@ -92,7 +92,6 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-
 def default_cache_root() -> Path:
     """Where feature caches live unless data.cache_dir says otherwise: the user's cache folder
     ($XDG_CACHE_HOME, else ~/.cache) under t2ilab/features, never the data folder."""
