@@ -185,10 +185,13 @@ def test_targets_by_prediction_type():
 
 
 def test_offset_noise_adds_a_per_channel_constant():
-    latents = torch.zeros(2, 4, 16, 16)
-    g = torch.Generator().manual_seed(0)
-    plain = sample_noise(latents, 0.0, generator=torch.Generator().manual_seed(0))
-    offset = sample_noise(latents, 0.5, generator=g)
+    def seeded():
+        g = torch.Generator().manual_seed(0)
+        return lambda name, shape: torch.randn(shape, generator=g)
+
+    shape = (2, 4, 16, 16)
+    plain = sample_noise(seeded(), shape, 0.0)
+    offset = sample_noise(seeded(), shape, 0.5)
     diff = offset - plain
     # The difference is constant over H, W and differs between channels.
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))

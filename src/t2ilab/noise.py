@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,19 +121,18 @@ def resolved_beta_schedule(config) -> str:
     return "trained_betas"
 
 
-def sample_noise(latents: torch.Tensor, offset_noise: float = 0.0, generator=None) -> torch.Tensor:
-    """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0."""
-    noise = torch.randn(
-        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-    )
+def sample_noise(
+    draw: Callable[[str, tuple[int, ...]], torch.Tensor],
+    shape: tuple[int, ...],
+    offset_noise: float = 0.0,
+) -> torch.Tensor:
+    """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0.
+
+    `draw(name, shape)` gives standard-normal draws; training keys them by step and row, so the
+    named draws ("noise", "offset") are what a resumed run must repeat."""
+    noise = draw("noise", tuple(shape))
     if offset_noise > 0:
-        offset = torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1),
-            generator=generator,
-            device=latents.device,
-            dtype=latents.dtype,
-        )
-        noise = noise + offset_noise * offset
+        noise = noise + offset_noise * draw("offset", (*shape[:2], 1, 1))
     return noise
 
 

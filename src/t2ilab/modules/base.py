@@ -24,6 +24,7 @@ from t2ilab.noise import (
     build_noise_scheduler,
     min_snr_weights,
     resolved_beta_schedule,
+    sample_noise,
     training_target,
 )
 
@@ -157,10 +158,11 @@ class DiffusionModule(L.LightningModule):
         rand = rand or self.step_random(self.device)
         latents = self.batch_latents(batch, rand).float()
         num_instance = int(batch.get("num_instance", latents.shape[0]))
-        noise = grouped(rand.randn, "noise", latents.shape, num_instance)
-        if self.noise.offset_noise > 0:  # per-channel offset noise (Guttenberg 2023)
-            offset = grouped(rand.randn, "offset", latents.shape[:2] + (1, 1), num_instance)
-            noise = noise + self.noise.offset_noise * offset
+        noise = sample_noise(
+            lambda name, shape: grouped(rand.randn, name, shape, num_instance),
+            latents.shape,
+            self.noise.offset_noise,
+        )
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = grouped(
             rand.randint, "timesteps", latents.shape[:1], num_instance, high=num_timesteps
