@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from t2ilab.analysis import plots
 from t2ilab.analysis.collect import (
     BASE_COLUMNS,
     FACTOR_PREFIX,
@@ -51,6 +52,7 @@ from t2ilab.analysis.collect import (
     summary,
     to_markdown,
 )
+from t2ilab.analysis.levels import as_levels, distinct_decimals, level_order, short
 from t2ilab.cli import (
     ArgumentParser,
     check_output,
@@ -69,8 +71,6 @@ RESIDUAL = "Residual"
 SEED_KEYS = ("seed",)
 # W&B run states -> results.json statuses; any other state (running, pending) counts as skipped.
 WANDB_STATES = {"finished": "ok", "failed": "failed", "crashed": "failed", "killed": "failed"}
-# A null factor in results.json (noise.beta_schedule: null, ...) means the model's own value.
-NONE_LEVEL = "model default"
 
 
 @dataclass
@@ -142,45 +142,8 @@ def metric_column(name: str, df: pd.DataFrame) -> str:
     return column
 
 
-def short(column: str) -> str:
-    """The name a user knows: `factor.noise.beta_schedule` -> `noise.beta_schedule`."""
-    for prefix in (FACTOR_PREFIX, METRIC_PREFIX):
-        if column.startswith(prefix):
-            return column[len(prefix) :]
-    return column
-
-
 def _is_seed(column: str) -> bool:
     return short(column).rsplit(".", 1)[-1] in SEED_KEYS
-
-
-# -------------------------------------------------------------------------------- levels
-
-
-def _label(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return NONE_LEVEL
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # 4 and 4.0 (a column with a NaN) are one level
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return _label(value.item())
-    return str(value)
-
-
-def level_order(labels: Iterable[str]) -> list[str]:
-    """The model's default first, then numeric levels ascending (1e-5 < 1e-4), anything else
-    in first-seen (sweep) order."""
-    seen = list(dict.fromkeys(labels))
-    default = [NONE_LEVEL] if NONE_LEVEL in seen else []
-    rest = [level for level in seen if level != NONE_LEVEL]
-    try:
-        return default + sorted(rest, key=float)
-    except ValueError:
-        return default + rest
-
-
-def _levels(series: pd.Series) -> pd.Series:
-    return series.map(_label).astype(object)
 
 
 # --------------------------------------------------------------------------------- model
@@ -254,7 +217,7 @@ def default_factors(df: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]]]
     ignored: list[tuple[str, str]] = []
     n = len(df)
     for i, column in enumerate(c for c in df.columns if c.startswith(FACTOR_PREFIX)):
-        k = _levels(df[column]).nunique()
+        k = as_levels(df[column]).nunique()
         if k < 2:
             continue  # constant: not a factor of this sweep, nothing to report
         if _is_seed(column):
@@ -307,9 +270,9 @@ def fit_anova(
         columns = list(dict.fromkeys(factor_column(f, df) for f in factors))
         chosen = []
         for c in columns:
-            k = _levels(used[c]).nunique()
+            k = as_levels(used[c]).nunique()
             if k < 2:
-                only = _levels(used[c]).iloc[0]
+                only = as_levels(used[c]).iloc[0]
                 ignored.append((short(c), f"one level ({only}) among the ok runs"))
             else:
                 chosen.append(c)
@@ -323,7 +286,7 @@ def fit_anova(
             "sweep that varies a factor, or name one that varies with --factors"
         )
 
-    data = pd.DataFrame({c: _levels(used[c]).to_numpy() for c in chosen}, index=used.index)
+    data = pd.DataFrame({c: as_levels(used[c]).to_numpy() for c in chosen}, index=used.index)
     data[column] = used[column].astype(float)
     data.insert(0, "run_dir", used["run_dir"])
 
@@ -403,24 +366,6 @@ def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return format(value, spec)
-
-
-def distinct_decimals(values: np.ndarray, min_digits: int = 3, max_digits: int = 8) -> int:
-    """Decimals that give distinct values distinct labels: as many significant digits (of the
-    largest value) as it takes, from `min_digits` up to `max_digits`."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return min_digits
-    largest = float(np.abs(finite).max())
-    magnitude = int(np.floor(np.log10(largest))) if largest > 0 else 0
-    # means that differ only by float rounding are one value
-    distinct = np.unique(np.array([float(f"{v:.12g}") for v in finite]))
-    decimals = 0
-    for digits in range(min_digits, max_digits + 1):
-        decimals = max(0, digits - 1 - magnitude)
-        if len({f"{v:.{decimals}f}" for v in distinct}) == len(distinct):
-            break
-    return decimals
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -721,7 +666,9 @@ def _missing_cell_notes(df: pd.DataFrame, row: str, col: str) -> dict[tuple[str,
     finish; a cell with both says skipped (the configuration cannot run at all)."""
     notes: dict[tuple[str, str], str] = {}
     runs = df[df["status"].isin(["skipped", "failed"])]
-    for r, c, status in zip(_levels(runs[row]), _levels(runs[col]), runs["status"], strict=True):
+    for r, c, status in zip(
+        as_levels(runs[row]), as_levels(runs[col]), runs["status"], strict=True
+    ):
         if notes.get((r, c)) != "skipped":
             notes[(r, c)] = status
     return notes
@@ -732,24 +679,24 @@ def heatmap_input(
 ) -> HeatmapInput | None:
     """The heatmap of factors `names` (ROW, COL), or else of an input/output position pair
     that varies among the model's runs; None without such a pair."""
-    from t2ilab.analysis.plots import find_position_pair
-
     runs = df.loc[result.data.index]
     if names:
         pair = tuple(factor_column(f, df, "--heatmap") for f in names)
     else:
         varying = [
-            c for c in df.columns if c.startswith(FACTOR_PREFIX) and _levels(runs[c]).nunique() > 1
+            c
+            for c in df.columns
+            if c.startswith(FACTOR_PREFIX) and as_levels(runs[c]).nunique() > 1
         ]
-        pair = find_position_pair(varying)
+        pair = plots.find_position_pair(varying)
         if pair is None:
             return None
     row, col = pair
     frame = result.data.copy()
     for column in pair:
         if column not in frame.columns:
-            frame[column] = _levels(runs[column])
-    levels = (level_order(_levels(df[row])), level_order(_levels(df[col])))
+            frame[column] = as_levels(runs[column])
+    levels = (level_order(as_levels(df[row])), level_order(as_levels(df[col])))
     return HeatmapInput(frame, row, col, levels, _missing_cell_notes(df, row, col))
 
 
@@ -767,14 +714,12 @@ def _check_outputs(
     args: argparse.Namespace, result: AnovaResult, heat: HeatmapInput | None, out: Path
 ) -> None:
     """Every file the report will write may be written (see `check_output`)."""
-    from t2ilab.analysis.plots import file_stem
-
     planned = {name: is_ours for name, is_ours in REPORT_FILES.items()}
     if heat is None:
         del planned["heatmap.csv"]
     if not args.no_plots:
         for factor in result.factors:
-            planned[f"box_{file_stem(factor)}.png"] = png_is_ours
+            planned[f"box_{plots.file_stem(factor)}.png"] = png_is_ours
         if heat is not None:
             planned["heatmap.png"] = png_is_ours
     for name, is_ours in planned.items():
@@ -785,8 +730,6 @@ def _plots(
     args: argparse.Namespace, result: AnovaResult, heat: HeatmapInput | None, out: Path
 ) -> tuple[list[Path], list[Path]]:
     """(data files, images) written to `out`."""
-    from t2ilab.analysis import plots
-
     files: list[Path] = []
     images: list[Path] = []
     if heat is not None:

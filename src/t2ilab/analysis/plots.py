@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from t2ilab.analysis.anova import distinct_decimals, level_order, short
+from t2ilab.analysis.levels import distinct_decimals, level_order, short
 from t2ilab.errors import UserError
 from t2ilab.utils.atomic import atomic_file
 

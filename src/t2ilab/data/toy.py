@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +210,9 @@ class Scene:
 
 # --- captions ------------------------------------------------------------------------------------
 
+# Caption attributes that may be left out; the shape is always named.
+OPTIONAL_ATTRIBUTES = ("size", "color", "pattern", "background", "position")
+
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
@@ -240,6 +243,23 @@ def dense_caption(scene: Scene) -> str:
         f"{_article(scene.size)} {scene.size} {scene.color} {scene.shape}"
         f"{_pattern_phrase(scene)} on {background_phrase(scene.background)}, {scene.position}"
     )
+
+
+def partial_caption(scene: Scene, stated: Iterable[str]) -> str:
+    """The dense caption's grammar with only the `stated` attributes (the shape always):
+    all of OPTIONAL_ATTRIBUTES gives exactly `dense_caption(scene)`."""
+    stated = set(stated)
+    words = [scene.size] if "size" in stated else []
+    words += [scene.color] if "color" in stated else []
+    words.append(scene.shape)
+    text = f"{_article(words[0])} {' '.join(words)}"
+    if "pattern" in stated:
+        text += _pattern_phrase(scene)
+    if "background" in stated:
+        text += f" on {background_phrase(scene.background)}"
+    if "position" in stated:
+        text += f", {scene.position}"
+    return text
 
 
 def class_caption(scene: Scene) -> str:

@@ -17,9 +17,17 @@ from t2ilab.data.captioned import collate_captioned
 from t2ilab.data.class_folder import collate_classes
 from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.loader import draw_rng, resumable_loader
-from t2ilab.data.toy import SHAPES, class_caption, dense_caption, image_to_tensor, render, scene_at
+from t2ilab.data.toy import (
+    OPTIONAL_ATTRIBUTES,
+    SHAPES,
+    class_caption,
+    dense_caption,
+    image_to_tensor,
+    partial_caption,
+    render,
+    scene_at,
+)
 from t2ilab.errors import UserError
-from t2ilab.toy.data import OPTIONAL_ATTRIBUTES, partial_caption
 
 CAPTION_KINDS = ("dense", "class", "mixed", "partial")
 # caption=partial: the share of dense and of class-only captions; the rest state a random subset

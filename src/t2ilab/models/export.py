@@ -30,8 +30,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
-from t2ilab.models.loading import is_local_reference
 from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
+from t2ilab.models.sources import is_local_reference
 from t2ilab.noise import inference_scheduler_config
 from t2ilab.utils.atomic import atomic_directory, write_json_atomic
 

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from t2ilab.errors import UserError
+from t2ilab.models import transformers as tr
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
+from t2ilab.models.sources import component_folder, is_local_reference, plain, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +45,6 @@ class StableDiffusionComponents:
         from t2ilab.models.pipelines import build_sd_pipeline
 
         return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def is_local_reference(pretrained: str) -> bool:
-    """A path the user meant as a folder (rather than a hub id like `org/name`)."""
-    p = Path(pretrained).expanduser()
-    return (
-        p.exists() or pretrained.startswith(("/", "./", "../", "~")) or pretrained.count("/") != 1
-    )
 
 
 def check_pretrained_reference(pretrained: str, revision: str | None = None) -> dict[str, Any]:
@@ -89,7 +79,7 @@ def check_pretrained_reference(pretrained: str, revision: str | None = None) -> 
 
 def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
     """Pixels per latent along each side, known before any weights load."""
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     if model_cfg.get("pretrained"):
         vae_config = check_pretrained_reference(model_cfg["pretrained"], model_cfg.get("revision"))
     elif (model_cfg.get("components") or {}).get("vae"):
@@ -101,14 +91,9 @@ def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
     return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1) * patch
 
 
-def _source(model_cfg: dict[str, Any]) -> str:
-    pretrained = model_cfg["pretrained"]
-    return str(Path(pretrained).expanduser()) if is_local_reference(pretrained) else pretrained
-
-
 def model_family(model_cfg) -> str:
     """sd (UNet + CLIP), pixart (PixArt transformer + T5) or dit (class-conditional DiT)."""
-    return _plain(model_cfg).get("family", "sd")
+    return plain(model_cfg).get("family", "sd")
 
 
 def load_components(model_cfg: DictConfig | dict, tokenizer=None):
@@ -116,8 +101,6 @@ def load_components(model_cfg: DictConfig | dict, tokenizer=None):
     family = model_family(model_cfg)
     if family == "sd":
         return load_sd_components(model_cfg, tokenizer)
-    from t2ilab.models import transformers as tr
-
     if family == "pixart":
         return tr.load_pixart_components(model_cfg, tokenizer)
     if family == "dit":
@@ -127,17 +110,15 @@ def load_components(model_cfg: DictConfig | dict, tokenizer=None):
 
 def load_tokenizer(model_cfg: DictConfig | dict):
     """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     family = model_cfg.get("family", "sd")
     if family == "pixart":
-        from t2ilab.models.transformers import load_t5_tokenizer
-
-        return load_t5_tokenizer(model_cfg)
+        return tr.load_t5_tokenizer(model_cfg)
     if family == "dit":
         return None  # class-conditional: no text
     if model_cfg.get("pretrained"):
         return CLIPTokenizer.from_pretrained(
-            _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
+            pretrained_source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
         )
     if (model_cfg.get("components") or {}).get("tokenizer"):
         return CLIPTokenizer.from_pretrained(component_folder(model_cfg, "tokenizer"))
@@ -148,7 +129,7 @@ def load_tokenizer(model_cfg: DictConfig | dict):
 
 
 def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDiffusionComponents:
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     if model_cfg.get("pretrained"):
         return _load_pretrained(model_cfg, tokenizer)
@@ -160,7 +141,7 @@ def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDi
 
 
 def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionComponents:
-    source = _source(model_cfg)
+    source = pretrained_source(model_cfg)
     kwargs = {"revision": model_cfg.get("revision")}
     weights = dict(kwargs, variant=model_cfg.get("variant"))
     log.info("loading %s", source)
@@ -169,17 +150,6 @@ def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionCom
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
     scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs))
     return StableDiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler_config)
-
-
-def component_folder(model_cfg: dict[str, Any], name: str) -> Path:
-    """model.components.NAME: a local folder holding one pretrained part (e.g. a VAE)."""
-    folder = Path(model_cfg["components"][name]).expanduser()
-    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise UserError(
-            f"model.components.{name}={folder} is not a saved model folder (no config.json): "
-            "point it at a folder written by save_pretrained()"
-        )
-    return folder
 
 
 def build_tiny_sd(

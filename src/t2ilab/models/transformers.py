@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
-from t2ilab.models.loading import _plain, _source, component_folder
+from t2ilab.models.sources import component_folder, plain, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def load_t5_tokenizer(model_cfg: dict[str, Any]):
     max_length = int(model_cfg.get("max_length", 120))
     if model_cfg.get("pretrained"):
         tokenizer = AutoTokenizer.from_pretrained(
-            _source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
+            pretrained_source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")
         )
     elif (model_cfg.get("components") or {}).get("tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(component_folder(model_cfg, "tokenizer"))
@@ -151,10 +151,10 @@ def _vae(model_cfg: dict[str, Any]) -> AutoencoderKL:
 
 
 def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     tokenizer = tokenizer or load_t5_tokenizer(model_cfg)
     if model_cfg.get("pretrained"):
-        source, kw = _source(model_cfg), {"revision": model_cfg.get("revision")}
+        source, kw = pretrained_source(model_cfg), {"revision": model_cfg.get("revision")}
         weights = dict(kw, variant=model_cfg.get("variant"))
         log.info("loading %s", source)
         return PixArtComponents(
@@ -182,9 +182,9 @@ def load_pixart_components(model_cfg, tokenizer=None) -> PixArtComponents:
 
 
 def load_dit_components(model_cfg, tokenizer=None) -> DiTComponents:
-    model_cfg = _plain(model_cfg)
+    model_cfg = plain(model_cfg)
     if model_cfg.get("pretrained"):
-        source = _source(model_cfg)
+        source = pretrained_source(model_cfg)
         log.info("loading %s", source)
         pipe = load_dit_pipeline(source, revision=model_cfg.get("revision"))
         # DiTPipeline keeps label -> id (several names per class); invert to id -> first name.

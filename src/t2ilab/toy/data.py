@@ -26,16 +26,15 @@ from t2ilab.data.toy import (
     BACKGROUNDS,
     COLORS,
     MAX_JITTER,
+    OPTIONAL_ATTRIBUTES,
     POSITIONS,
     SHAPES,
     SIZES,
     SUBJECT_MAX_ROTATION,
     Scene,
-    _article,
-    _pattern_phrase,
-    background_phrase,
     dense_caption,
     image_to_tensor,
+    partial_caption,
     render,
     scene_at,
 )
@@ -49,8 +48,6 @@ APPEARANCE_FIELDS = (
     "second_pattern_color",
     "spot_color",
 )
-# Caption attributes that may be left out; the shape is always named.
-OPTIONAL_ATTRIBUTES = ("size", "color", "pattern", "background", "position")
 
 
 def _pick(rng: np.random.Generator, values):
@@ -111,23 +108,6 @@ def appearance(scene: Scene) -> tuple:
 
 
 # --- captions ------------------------------------------------------------------------------------
-
-
-def partial_caption(scene: Scene, stated: Iterable[str]) -> str:
-    """The dense caption's grammar with only the `stated` attributes (the shape always):
-    all of OPTIONAL_ATTRIBUTES gives exactly `dense_caption(scene)`."""
-    stated = set(stated)
-    words = [scene.size] if "size" in stated else []
-    words += [scene.color] if "color" in stated else []
-    words.append(scene.shape)
-    text = f"{_article(words[0])} {' '.join(words)}"
-    if "pattern" in stated:
-        text += _pattern_phrase(scene)
-    if "background" in stated:
-        text += f" on {background_phrase(scene.background)}"
-    if "position" in stated:
-        text += f", {scene.position}"
-    return text
 
 
 def caption_constraints(scene: Scene, stated: Iterable[str]) -> dict:
