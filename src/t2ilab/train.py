@@ -37,6 +37,7 @@ from t2ilab.preflight import preflight
 from t2ilab.resume import ApplyResumedSettings, settings_changes, settings_of
 from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
 from t2ilab.runner import experiment_name, run_task
+from t2ilab.scale import scale_line
 from t2ilab.validation import (
     check_alignment_matches_model,
     check_devices,
@@ -248,9 +249,21 @@ def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
     return protocol
 
 
+def log_scale_changes(cfg: DictConfig) -> None:
+    """One line when conf/scale/ replaced values of the experiment (it applies after it)."""
+    try:
+        line = scale_line(cfg)
+    except Exception as err:  # the line informs; it never stops a run
+        log.warning("could not compare the config with conf/scale/ left out: %s", err)
+        return
+    if line:
+        log.info("%s", line)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns metrics. Raises UserError on bad input before weights load."""
     L.seed_everything(cfg.seed, workers=True)
+    log_scale_changes(cfg)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.check_method(cfg.method)
     check_numbers(cfg)  # the config alone: before anything reads a model or a file
