@@ -1,4 +1,4 @@
-"""results.json: one file per run that the aggregator and the ANOVA read (DESIGN.md contract)."""
+"""results.json: one file per run that the aggregator and the ANOVA read (a contract: docs/design.md)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from t2ilab.metrics.dreambooth import ROW_COLUMNS
 from t2ilab.metrics.protocol import DreamBoothProtocol, EvalOutput
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.noise import inference_scheduler_config
-from t2ilab.utils.atomic import save_image_atomic
+from t2ilab.utils.atomic import atomic_file, save_image_atomic
 from t2ilab.utils.images import make_grid
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def save_eval_outputs(out: EvalOutput, folder: str | Path) -> Path:
         save_image_atomic(
             make_grid(out.prior_images, rows=1, captions=["prior"]), folder / "prior.png"
         )
-    with open(folder / "prompts.csv", "w", newline="") as f:
+    with atomic_file(folder / "prompts.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ROW_COLUMNS))
         writer.writeheader()
         writer.writerows({k: row[k] for k in ROW_COLUMNS} for row in out.rows)
