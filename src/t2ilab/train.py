@@ -23,6 +23,7 @@ import t2ilab.quiet  # noqa: F401  (first of t2ilab's: silences known third-part
 from t2ilab.callbacks.ema import EMACallback
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.checkpoints import AtomicCheckpointIO, inspect_checkpoint
+from t2ilab.compat import check_method_fits_model
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
@@ -266,6 +267,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_scale_changes(cfg)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.check_method(cfg.method)
+    check_method_fits_model(cfg, module_class)
     check_numbers(cfg)  # the config alone: before anything reads a model or a file
     NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
     check_prior_preservation(cfg)

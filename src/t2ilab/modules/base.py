@@ -75,6 +75,9 @@ class DiffusionModule(L.LightningModule):
         self.run_record: dict[str, Any] = {}
 
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
+    # The model families (model.family) whose parts this module trains; t2ilab.compat refuses
+    # any other pairing before weights load.
+    backbone_families: tuple[str, ...] = ()
 
     @classmethod
     def check_method(cls, method_cfg) -> None:

@@ -19,6 +19,8 @@ class TextToImageModule(DiffusionModule):
     subclass it and change what is trainable and how the artefact is saved.
     """
 
+    backbone_families = ("sd",)
+
     def __init__(
         self,
         unet,

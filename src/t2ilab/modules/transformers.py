@@ -32,6 +32,8 @@ class PixArtModule(DiffusionModule):
     """PixArt-alpha: PixArtTransformer2DModel (adaLN-single, cross-attention in every block)
     conditioned on frozen T5 features with their attention mask."""
 
+    backbone_families = ("pixart",)
+
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs):
         for key in ("train_unet", "train_text_encoder"):
             base_kwargs.pop(key, None)
@@ -81,6 +83,8 @@ class PixArtModule(DiffusionModule):
 class DiTModule(DiffusionModule):
     """Class-conditional DiT (adaLN-Zero): PixArt's stage 1, pixel dependency. Its label
     embedding drops labels to the null class during training (class_dropout_prob 0.1)."""
+
+    backbone_families = ("dit",)
 
     def __init__(self, transformer, vae, scheduler_config, **base_kwargs):
         for key in ("train_unet", "train_text_encoder"):
