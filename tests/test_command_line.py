@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from _support import FAST, ROOT
+from hydra.utils import get_class
 from PIL import Image
 
 import t2ilab.train as train_module
-from t2ilab.checkpoints import RECORD_KEY, check_loaded_weights
+from t2ilab.checkpoints import (
+    RECORD_KEY,
+    RENAMED_TARGETS,
+    check_loaded_weights,
+    inspect_checkpoint,
+)
 from t2ilab.errors import UserError
 from t2ilab.resume import settings_changes
 
@@ -255,6 +261,20 @@ def test_settings_changes_lists_what_may_change_and_refuses_the_rest():
     }
     with pytest.raises(UserError, match=r"noise.snr_gamma=None \(now 5.0\)"):
         settings_changes(trained, {**now, "noise.snr_gamma": 5.0}, "x.ckpt")
+
+
+def test_a_checkpoint_naming_a_moved_module_class_still_resumes(tmp_path):
+    """Checkpoints stamped before the module renames (issue 14.7) record the old class path."""
+    key = "method.module._target_"
+    trained = {"method.name": "pixart", key: "t2ilab.modules.transformers.PixArtModule"}
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 3, "state_dict": {}, RECORD_KEY: {"settings": trained}}, path)
+    now = {**trained, key: "t2ilab.modules.pixart.PixArtModule"}
+    record = inspect_checkpoint(path, now)
+    assert record["settings"] == now
+    assert settings_changes(record["settings"], now, str(path)) == {}
+    for new in RENAMED_TARGETS.values():
+        assert get_class(new).__name__ == new.rsplit(".", 1)[1]
 
 
 def test_loaded_weights_must_cover_what_trains():

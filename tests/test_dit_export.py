@@ -10,8 +10,8 @@ from diffusers import DDIMScheduler, DiTPipeline
 from omegaconf import OmegaConf
 
 from t2ilab.models.export import export_pipeline, load_export
-from t2ilab.models.transformers import load_dit_components
-from t2ilab.modules.transformers import DiTModule
+from t2ilab.models.pixart_dit import load_dit_components
+from t2ilab.modules.dit import DiTModule
 
 LABELS = {0: "circle", 1: "square", 2: "star", 3: "triangle"}
 

@@ -104,8 +104,8 @@ def test_pixart_loss_goes_down_on_a_fixed_batch():
     from omegaconf import OmegaConf
     from test_learning import fit_steps, fixed_eval_loss, smooth_images
 
-    from t2ilab.models.transformers import load_pixart_components
-    from t2ilab.modules.transformers import PixArtModule
+    from t2ilab.models.pixart_dit import load_pixart_components
+    from t2ilab.modules.pixart import PixArtModule
 
     c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
     torch.manual_seed(0)
@@ -165,9 +165,9 @@ def _caption_datamodule(cache: bool, tmp_path, components, multi_aspect=False):
 def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect):
     from omegaconf import OmegaConf
 
-    from t2ilab.models.transformers import load_pixart_components
+    from t2ilab.models.pixart_dit import load_pixart_components
+    from t2ilab.modules.pixart import PixArtModule
     from t2ilab.modules.step_random import StepRandom
-    from t2ilab.modules.transformers import PixArtModule
 
     c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
     from_images = next(
@@ -188,7 +188,7 @@ def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect):
 def test_multi_aspect_batches_are_homogeneous(tmp_path):
     from omegaconf import OmegaConf
 
-    from t2ilab.models.transformers import load_pixart_components
+    from t2ilab.models.pixart_dit import load_pixart_components
 
     c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
     dm = _caption_datamodule(False, tmp_path, c, multi_aspect=True)

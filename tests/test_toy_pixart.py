@@ -24,7 +24,7 @@ from t2ilab.data.toy import COLORS, SHAPES, Scene, render, scene_at
 from t2ilab.data.toy_world import ToyWorldClassDataModule
 from t2ilab.errors import UserError
 from t2ilab.models.pipelines import pipeline_call_kwargs
-from t2ilab.modules.transformers import tokenizer_attention_mask
+from t2ilab.modules.pixart import tokenizer_attention_mask
 from t2ilab.toy import quality
 
 TOY = ROOT / "models" / "toy"
@@ -107,7 +107,7 @@ def test_stage1_trains_the_null_class_that_guidance_samples_with(stages):
     from diffusers import DiTTransformer2DModel
     from omegaconf import OmegaConf
 
-    from t2ilab.models.transformers import load_dit_components
+    from t2ilab.models.pixart_dit import load_dit_components
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "toy_dit_init.yaml")
     cfg.components.vae = str(TOY / "toy_vae")

@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 RECORD_KEY = "t2ilab"
 # Settings a resume must keep: the checkpoint's weights mean nothing under other values.
 IDENTITY_KEYS = ("model.name", "model.pretrained", "method.name", "method.module._target_")
+# Module classes that moved (issue 14.7): checkpoints stamped before the move record the old
+# dotted path under method.module._target_; read back as the new path, they resume as before.
+RENAMED_TARGETS = {
+    "t2ilab.modules.transformers.PixArtModule": "t2ilab.modules.pixart.PixArtModule",
+    "t2ilab.modules.transformers.DiTModule": "t2ilab.modules.dit.DiTModule",
+    "t2ilab.modules.dreambooth.TextToImageModule": "t2ilab.modules.text_to_image.TextToImageModule",
+    "t2ilab.modules.dreambooth.ParameterEfficientModule": (
+        "t2ilab.modules.parameter_efficient.ParameterEfficientModule"
+    ),
+}
+TARGET_KEY = "method.module._target_"
 # Errors that mean "the disk (or the user's quota or file-size limit) is full".
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -69,6 +80,14 @@ def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
     checkpoint[RECORD_KEY] = dict(record)
 
 
+def current_settings(trained: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings with moved module classes under their current path."""
+    target = trained.get(TARGET_KEY)
+    if isinstance(target, str) and target in RENAMED_TARGETS:
+        return {**trained, TARGET_KEY: RENAMED_TARGETS[target]}
+    return trained
+
+
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """The checkpoint's contents, memory-mapped where possible (tensors are not read until
     used); a file that is not a whole torch checkpoint is a UserError naming it."""
@@ -98,6 +117,8 @@ def inspect_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
             "<run dir>/checkpoints/last.ckpt or a step_*.ckpt beside it"
         )
     record = dict(checkpoint.get(RECORD_KEY) or {})
+    if isinstance(record.get("settings"), dict):
+        record["settings"] = current_settings(record["settings"])
     trained = record.get("settings", {})
     for key in IDENTITY_KEYS:
         if key in trained and key in settings and trained[key] != settings[key]:

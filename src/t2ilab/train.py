@@ -194,7 +194,7 @@ def init_from_previous_stage(cfg: DictConfig, components) -> None:
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     from t2ilab.models.dit_to_pixart import convert_dit_to_pixart
-    from t2ilab.models.transformers import is_dit_folder
+    from t2ilab.models.pixart_dit import is_dit_folder
 
     config = components.transformer.config
     if is_dit_folder(source):

@@ -22,10 +22,10 @@ from t2ilab.metrics.embedders import (
     MetricModelNotFound,
     load_embedder,
 )
-from t2ilab.metrics.evaluate import evaluate_dreambooth
 from t2ilab.metrics.fid import fid_kid, fid_kid_from_folder
 from t2ilab.metrics.images import Images, load_image_folder
 from t2ilab.metrics.lpips import LpipsDistance, lpips_available
+from t2ilab.metrics.scoring import evaluate_dreambooth
 from t2ilab.metrics.similarity import (
     mean_matched_cosine,
     mean_pairwise_cosine,

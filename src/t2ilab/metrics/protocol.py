@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from t2ilab.errors import UserError
 from t2ilab.metrics.dreambooth import ROW_COLUMNS
 from t2ilab.metrics.embedders import ClipEmbedder, DinoEmbedder, load_embedder
-from t2ilab.metrics.evaluate import evaluate_dreambooth
 from t2ilab.metrics.fid import fid_kid_from_folder
 from t2ilab.metrics.images import list_image_files, load_image_folder
 from t2ilab.metrics.lpips import LpipsDistance, lpips_available
 from t2ilab.metrics.prompts import format_prompts, select_prompts
+from t2ilab.metrics.scoring import evaluate_dreambooth
 from t2ilab.metrics.tiny import EmbeddingDistance, build_tiny_evaluators
 from t2ilab.models.pipelines import pipeline_call_kwargs
 

@@ -221,7 +221,7 @@ def load_export(export_dir: str | Path, base_model: str | None = None):
 
     export_dir = Path(export_dir)
     if pipeline_class_name(export_dir) == "DiTPipeline":
-        from t2ilab.models.transformers import load_dit_pipeline
+        from t2ilab.models.pixart_dit import load_dit_pipeline
 
         return load_dit_pipeline(export_dir)
     if (export_dir / "model_index.json").is_file():  # SD or PixArt pipeline folder

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from t2ilab.errors import UserError
-from t2ilab.models import transformers as tr
+from t2ilab.models import pixart_dit
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
 from t2ilab.models.sources import component_folder, is_local_reference, plain, pretrained_source
 
@@ -102,9 +102,9 @@ def load_components(model_cfg: DictConfig | dict, tokenizer=None):
     if family == "sd":
         return load_sd_components(model_cfg, tokenizer)
     if family == "pixart":
-        return tr.load_pixart_components(model_cfg, tokenizer)
+        return pixart_dit.load_pixart_components(model_cfg, tokenizer)
     if family == "dit":
-        return tr.load_dit_components(model_cfg)
+        return pixart_dit.load_dit_components(model_cfg)
     raise UserError(f"model.family={family} is not one of sd, pixart, dit")
 
 
@@ -113,7 +113,7 @@ def load_tokenizer(model_cfg: DictConfig | dict):
     model_cfg = plain(model_cfg)
     family = model_cfg.get("family", "sd")
     if family == "pixart":
-        return tr.load_t5_tokenizer(model_cfg)
+        return pixart_dit.load_t5_tokenizer(model_cfg)
     if family == "dit":
         return None  # class-conditional: no text
     if model_cfg.get("pretrained"):

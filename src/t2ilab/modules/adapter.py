@@ -6,7 +6,7 @@ from pathlib import Path
 
 from t2ilab.adapters import AdapterConfig, InvalidAdapterPair, attach_adapters, save_adapters
 from t2ilab.errors import SkipRun
-from t2ilab.modules.dreambooth import ParameterEfficientModule
+from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 ADAPTERS_FILE = "adapters.safetensors"  # + adapters.json, beside it in the export
 

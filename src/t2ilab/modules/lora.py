@@ -11,7 +11,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from t2ilab.modules.dreambooth import ParameterEfficientModule
+from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 
 class LoRAModule(ParameterEfficientModule):

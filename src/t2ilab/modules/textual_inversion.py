@@ -16,7 +16,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from safetensors.torch import save_file
 
 from t2ilab.errors import UserError
-from t2ilab.modules.dreambooth import ParameterEfficientModule
+from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
