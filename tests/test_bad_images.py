@@ -531,7 +531,7 @@ def no_model(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    for name in ("load_tokenizer", "load_components", "load_sd_components"):
+    for name in ("load_tokenizer", "load_components"):
         monkeypatch.setattr(train_module, name, forbidden)
 
 

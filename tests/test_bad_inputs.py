@@ -17,7 +17,6 @@ def no_weights(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr(train_module, "load_sd_components", forbidden)
     monkeypatch.setattr(train_module, "load_components", forbidden)
 
 

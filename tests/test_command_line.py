@@ -269,7 +269,7 @@ def test_a_checkpoint_naming_a_moved_module_class_still_resumes(tmp_path):
     trained = {"method.name": "pixart", key: "t2ilab.modules.transformers.PixArtModule"}
     path = tmp_path / "last.ckpt"
     torch.save({"global_step": 3, "state_dict": {}, RECORD_KEY: {"settings": trained}}, path)
-    now = {**trained, key: "t2ilab.modules.pixart.PixArtModule"}
+    now = {**trained, key: "t2ilab.modules.full.FullModule"}
     record = inspect_checkpoint(path, now)
     assert record["settings"] == now
     assert settings_changes(record["settings"], now, str(path)) == {}

@@ -1,13 +1,13 @@
-"""A method runs on the backbones whose parts it trains; any other pairing is refused in one
-line, before anything loads, naming the methods and models that would run."""
+"""Every method, model and data that cannot work together is refused in one line, before
+anything loads, saying why and what to use instead; the README's matrix is the rules' own."""
 
 from __future__ import annotations
 
 import pytest
-from _support import FAST
+from _support import FAST, ROOT
 
 import t2ilab.train as train_module
-from t2ilab.compat import methods_for, models_for
+from t2ilab.compat import matrix, matrix_markdown, methods_for
 from t2ilab.errors import UserError
 
 
@@ -20,45 +20,50 @@ def nothing_loads(monkeypatch):
         monkeypatch.setattr(train_module, name, forbidden)
 
 
-SD_METHODS = "adapter|dreambooth|full|lora|textual_inversion"
-SD_MODELS = "sd15|sd21|tiny_sd|toy_sd|toy_sd_init"
-PIXART_MODELS = (
-    "pixart_alpha_1024|pixart_alpha_256|pixart_alpha_512|tiny_pixart|toy_pixart|toy_pixart_init"
-)
-
-
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
         (
-            ["experiment=lora_dreambooth", "model=tiny_pixart"],
-            "method=lora trains a Stable Diffusion UNet with CLIP text; model=tiny_pixart is a "
-            f"PixArt transformer with T5 text: use method=pixart on this model or "
-            f"model={SD_MODELS} for method=lora",
-        ),
-        (
-            ["experiment=adapter_dreambooth", "model=tiny_pixart"],
-            "method=adapter trains a Stable Diffusion UNet",
-        ),
-        (
-            ["experiment=dreambooth_sigmoid_zsnr", "model=tiny_pixart"],
-            "method=dreambooth trains a Stable Diffusion UNet",
+            ["experiment=textual_inversion", "model=tiny_pixart"],
+            "method=textual_inversion on model=tiny_pixart: textual inversion: a PixArt "
+            "transformer with T5 text has no stock loader for learned embeddings; use "
+            "method=lora or method=adapter",
         ),
         (
             ["experiment=dreambooth", "model=tiny_dit"],
-            "model=tiny_dit is a class-conditional DiT (no text): use method=dit on this model",
+            "method=dreambooth on model=tiny_dit: DreamBooth binds a subject to a text "
+            "identifier; a class-conditional DiT (no text) has no text: train it on class labels "
+            "with method=full data=class_folder",
         ),
         (
-            ["experiment=dreambooth_pixart", "model=tiny_sd"],
-            f"method=pixart trains a PixArt transformer with T5 text; model=tiny_sd is a Stable "
-            f"Diffusion UNet with CLIP text: use method={SD_METHODS} on this model or "
-            f"model={PIXART_MODELS} for method=pixart",
+            ["experiment=textual_inversion", "model=tiny_dit"],
+            "textual inversion learns a word; a class-conditional DiT (no text) has no text",
+        ),
+        (
+            ["experiment=adapter_dreambooth", "model=tiny_pixart", "method.input_position=Res_in",
+             "method.output_position=Res_out"],
+            "ResBlock",
+        ),
+        (
+            ["experiment=adapter_dreambooth", "model=tiny_dit", "data=toy_world_classes"],
+            "cross-attention",
+        ),
+        (
+            ["experiment=pixart_stage1", "model=tiny_sd"],
+            "the data gives class labels; a Stable Diffusion UNet with CLIP text is conditioned "
+            "on prompts: use data=dreambooth or data=captioned",
+        ),
+        (
+            ["method=full", "model=tiny_dit", "data=dreambooth"],
+            "the data gives prompts; a class-conditional DiT (no text) takes class labels",
+        ),
+        (
+            ["experiment=lora_dreambooth", "model=tiny_pixart", "method.train_text_encoder=true"],
+            "LoRA on the text encoder: a PixArt transformer with T5 text has no stock loader",
         ),
     ],
 )
-def test_a_method_on_a_backbone_it_cannot_train_is_one_line(
-    make_cfg, nothing_loads, overrides, line
-):
+def test_a_pairing_that_cannot_work_is_one_line(make_cfg, nothing_loads, overrides, line):
     cfg = make_cfg(*overrides, *FAST)
     with pytest.raises(UserError) as err:
         train_module.train(cfg)
@@ -67,10 +72,25 @@ def test_a_method_on_a_backbone_it_cannot_train_is_one_line(
     assert line in message
 
 
-def test_the_advice_is_read_from_the_config_folders():
-    # Written out by hand from conf/method and conf/model: what each family can run.
-    assert methods_for("sd") == SD_METHODS.split("|")
-    assert methods_for("pixart") == ["pixart"]
-    assert methods_for("dit") == ["dit"]
-    assert models_for(("pixart",)) == PIXART_MODELS.split("|")
-    assert models_for(("dit",)) == ["dit_xl_256", "tiny_dit", "toy_dit_init"]
+def test_methods_for_a_family_follow_its_parts():
+    assert methods_for("sd") == ["adapter", "dit", "dreambooth", "full", "lora", "pixart",
+                                 "textual_inversion"]
+    # No stock loader for learned embeddings on PixArt; DiT has no text and no cross-attention.
+    assert "textual_inversion" not in methods_for("pixart")
+    assert "lora" in methods_for("pixart") and "adapter" in methods_for("pixart")
+    assert methods_for("dit") == ["dit", "full", "lora", "pixart"]
+
+
+def test_the_matrix_refuses_exactly_the_cells_that_lack_parts():
+    refused = {cell for cell, reason in matrix().items() if reason}
+    assert refused == {
+        ("textual_inversion", "tiny_pixart"),
+        ("textual_inversion", "tiny_pixart_sigma"),
+        ("textual_inversion", "tiny_dit"),
+        ("adapter", "tiny_dit"),
+    }
+
+
+def test_the_readme_shows_the_generated_matrix():
+    readme = (ROOT / "README.md").read_text()
+    assert matrix_markdown() in readme, "run: python -m t2ilab.compat --markdown, paste in README"

@@ -33,10 +33,8 @@ def test_experiment_composes_and_instantiates(experiment, make_cfg):
     components = load_components(cfg.model)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.prepare_tokenizer(components.tokenizer, cfg.method)  # as train.py does
-    module = hydra.utils.instantiate(
-        cfg.method.module,
-        **components.module_kwargs(),
-        noise=OmegaConf.to_container(cfg.noise),
+    module = module_class.from_config(
+        cfg.method, components, noise=OmegaConf.to_container(cfg.noise)
     )
     assert isinstance(module, DiffusionModule)
     optimizer = module.configure_optimizers()["optimizer"]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from t2ilab.models.export import export_pipeline, load_export
 from t2ilab.models.pixart_dit import load_dit_components
-from t2ilab.modules.dit import DiTModule
+from t2ilab.modules.full import FullModule as DiTModule
 
 LABELS = {0: "circle", 1: "square", 2: "star", 3: "triangle"}
 
@@ -25,7 +25,7 @@ def tiny_dit_cfg():
 def dit_export(tiny_dit_cfg, tmp_path_factory):
     c = load_dit_components(tiny_dit_cfg)
     module = DiTModule(**c.module_kwargs())
-    module.id2label = dict(LABELS)
+    module.backbone.id2label = dict(LABELS)
     return export_pipeline(module, tmp_path_factory.mktemp("dit") / "export")
 
 

@@ -36,11 +36,7 @@ def components():
 def make_module(components, noise=None, lr=1e-3):
     c = copy.deepcopy(components)
     return DreamBoothModule(
-        unet=c.unet,
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        scheduler_config=c.scheduler_config,
+        c,
         noise=noise or {},
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
     )

@@ -55,11 +55,7 @@ def _unet_out(unet, text_encoder, ids):
 def make_lora(components, **kwargs):
     c = copy.deepcopy(components)
     return LoRAModule(
-        c.unet,
-        c.vae,
-        c.text_encoder,
-        c.tokenizer,
-        c.scheduler_config,
+        c,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         **kwargs,
     )
@@ -113,11 +109,7 @@ def make_ti(components, num_vectors=2, weight_decay=0.1):
     )
     transform = TextualInversionModule.prepare_tokenizer(c.tokenizer, method)
     module = TextualInversionModule(
-        c.unet,
-        c.vae,
-        c.text_encoder,
-        c.tokenizer,
-        c.scheduler_config,
+        c,
         placeholder_token="<toy-x>",
         initializer_token="toy",
         num_vectors=num_vectors,
@@ -201,11 +193,7 @@ def test_textual_inversion_starts_from_the_class_noun_by_default(make_cfg, compo
         ),
     )
     module = TextualInversionModule(
-        c.unet,
-        c.vae,
-        c.text_encoder,
-        c.tokenizer,
-        c.scheduler_config,
+        c,
         placeholder_token="<n>",
         initializer_token="a big toy",
     )

@@ -105,7 +105,7 @@ def test_pixart_loss_goes_down_on_a_fixed_batch():
     from test_learning import fit_steps, fixed_eval_loss, smooth_images
 
     from t2ilab.models.pixart_dit import load_pixart_components
-    from t2ilab.modules.pixart import PixArtModule
+    from t2ilab.modules.full import FullModule as PixArtModule
 
     c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
     torch.manual_seed(0)
@@ -149,8 +149,7 @@ def _caption_datamodule(cache: bool, tmp_path, components, multi_aspect=False):
         train_dir=str(ROOT / "data" / folder),
         resolution=64,
         multi_aspect=multi_aspect,
-        cache=cache,
-        cache_dir=str(tmp_path),
+        cache={"latents": cache, "text": cache, "dir": str(tmp_path)},
         caption_dropout=0.0,
         batch_size=4,
     )
@@ -166,7 +165,7 @@ def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect):
     from omegaconf import OmegaConf
 
     from t2ilab.models.pixart_dit import load_pixart_components
-    from t2ilab.modules.pixart import PixArtModule
+    from t2ilab.modules.full import FullModule as PixArtModule
     from t2ilab.modules.step_random import StepRandom
 
     c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))

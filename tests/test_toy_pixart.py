@@ -24,7 +24,7 @@ from t2ilab.data.toy import COLORS, SHAPES, Scene, render, scene_at
 from t2ilab.data.toy_world import ToyWorldClassDataModule
 from t2ilab.errors import UserError
 from t2ilab.models.pipelines import pipeline_call_kwargs
-from t2ilab.modules.pixart import tokenizer_attention_mask
+from t2ilab.models.pixart_dit import tokenizer_attention_mask
 from t2ilab.toy import quality
 
 TOY = ROOT / "models" / "toy"

@@ -35,12 +35,12 @@ IDENTITY_KEYS = ("model.name", "model.pretrained", "method.name", "method.module
 # Module classes that moved (issue 14.7): checkpoints stamped before the move record the old
 # dotted path under method.module._target_; read back as the new path, they resume as before.
 RENAMED_TARGETS = {
-    "t2ilab.modules.transformers.PixArtModule": "t2ilab.modules.pixart.PixArtModule",
-    "t2ilab.modules.transformers.DiTModule": "t2ilab.modules.dit.DiTModule",
-    "t2ilab.modules.dreambooth.TextToImageModule": "t2ilab.modules.text_to_image.TextToImageModule",
-    "t2ilab.modules.dreambooth.ParameterEfficientModule": (
-        "t2ilab.modules.parameter_efficient.ParameterEfficientModule"
-    ),
+    # Full training was one module class per backbone family before the backbone became its own
+    # config axis (t2ilab.models.backbone); it is one class on every family now.
+    "t2ilab.modules.transformers.PixArtModule": "t2ilab.modules.full.FullModule",
+    "t2ilab.modules.transformers.DiTModule": "t2ilab.modules.full.FullModule",
+    "t2ilab.modules.pixart.PixArtModule": "t2ilab.modules.full.FullModule",
+    "t2ilab.modules.dit.DiTModule": "t2ilab.modules.full.FullModule",
 }
 TARGET_KEY = "method.module._target_"
 # Errors that mean "the disk (or the user's quota or file-size limit) is full".
@@ -81,7 +81,19 @@ def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
 
 
 def current_settings(trained: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded settings with moved module classes under their current path."""
+    """A checkpoint's recorded settings as this version records them: moved module classes under
+    their current path, and without the `method.module.<key>: ${method.<key>}` copies older
+    configs held (a method key is now written once and handed to the module by name)."""
+    trained = {
+        key: value
+        for key, value in trained.items()
+        if not (
+            key.startswith("method.module.")
+            and key.count(".") == 2
+            and not key.endswith("._target_")
+            and trained.get("method." + key.rsplit(".", 1)[1], object()) == value
+        )
+    }
     target = trained.get(TARGET_KEY)
     if isinstance(target, str) and target in RENAMED_TARGETS:
         return {**trained, TARGET_KEY: RENAMED_TARGETS[target]}

@@ -32,8 +32,6 @@ _MAY_CHANGE = (
     "method.module.lr_scheduler.",  # e.g. num_training_steps follows trainer.max_steps
     "method.gradient_checkpointing",
     "method.compile",
-    "method.module.gradient_checkpointing",
-    "method.module.compile",
     "data.num_workers",
 )
 _FIXED = ("model.", "method.", "noise.", "data.", "subject.")

@@ -31,7 +31,7 @@ from t2ilab.launch import external_rank, local_rank, pin_job_for_lightning_ranks
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_metadata, export_pipeline
-from t2ilab.models.loading import load_components, load_sd_components, load_tokenizer
+from t2ilab.models.loading import load_components, load_tokenizer
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.noise import NoiseConfig
 from t2ilab.preflight import preflight
@@ -51,7 +51,7 @@ from t2ilab.validation import (
 
 log = logging.getLogger("t2ilab.train")
 
-# Frozen VAE / text encoder are kept in eval mode on purpose (see TextToImageModule.train).
+# Frozen VAE / text encoder are kept in eval mode on purpose (see DiffusionModule.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
@@ -114,7 +114,7 @@ def init_from_source(cfg: DictConfig) -> Path | None:
     if not (path / "transformer" / "config.json").is_file():
         raise UserError(
             f"model.init_from={init} holds no transformer/: pass the previous stage's run dir "
-            "or its export/ (a DiTPipeline or PixArtAlphaPipeline folder)"
+            "or its export/ (a DiTPipeline or PixArt-alpha/Sigma pipeline folder)"
         )
     return path
 
@@ -206,8 +206,14 @@ def init_from_previous_stage(cfg: DictConfig, components) -> None:
         )
         log.info("init: PixArt transformer reparameterised from the DiT in %s", source)
     else:
+        # Sigma's pipeline passes no size conditions: an alpha stage's transformer that used
+        # them (PixArt-XL-2-1024-MS) continues without, as Sigma's own transformers do.
+        sigma = {"use_additional_conditions": False} if getattr(components, "sigma", False) else {}
         components.transformer = PixArtTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", **resolution_change(cfg, source, components.vae)
+            source,
+            subfolder="transformer",
+            **resolution_change(cfg, source, components.vae),
+            **sigma,
         )
         log.info("init: PixArt transformer from %s", source)
 
@@ -300,7 +306,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if hasattr(datamodule, "prepare_features"):  # caches need the loaded encoders
         device = generation_device(cfg, local_rank())
-        encoders = [m for m in (components.vae, getattr(components, "text_encoder", None)) if m]
+        encoders = [components.vae, *components.text_encoders]
         for encoder in encoders:  # encode on the GPU when there is one, then give it back
             encoder.to(device)
         datamodule.prepare_features(
@@ -320,14 +326,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         for encoder in encoders:
             encoder.to("cpu")
-    module = hydra.utils.instantiate(
-        cfg.method.module,
-        **components.module_kwargs(),
+    module = module_class.from_config(
+        cfg.method,
+        components,
         noise=OmegaConf.to_container(cfg.noise, resolve=True),
         seed=int(cfg.seed),
     )
     if hasattr(datamodule, "id2label"):  # class-conditional: the export names its classes
-        module.id2label = datamodule.id2label
+        module.backbone.id2label = datamodule.id2label
     module.prompt_vars = prompt_vars
     module.prompt_transform = prompt_transform
     module.offload_text_encoder = bool(getattr(datamodule, "text_from_cache", False))
@@ -460,13 +466,13 @@ def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any])
     from config (no hub id or folder to point at) is exported beside it as base_model/."""
     base = None
     if not cfg.model.pretrained and module.artefact != "pipeline":
-        base = load_sd_components(cfg.model)  # a fresh tokenizer: no added tokens
+        base = load_components(cfg.model)  # a fresh tokenizer: no added tokens
     export_pipeline(module, out_dir, cfg.sampling.scheduler, metadata, base_components=base)
 
 
 def log_parameter_counts(module, loggers) -> None:
     trainable = module.trained_parameter_count()
-    unet = sum(p.numel() for n, p in module.backbone.named_parameters() if "lora_" not in n)
+    unet = sum(p.numel() for n, p in module.denoiser.named_parameters() if "lora_" not in n)
     share = trainable / unet if unet else float("nan")
     log.info(
         "trainable parameters: %s (%.4f%% of the denoiser's %s)",

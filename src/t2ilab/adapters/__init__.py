@@ -1,4 +1,4 @@
-"""The adapter design space of Xiang et al. 2023 on an unmodified diffusers UNet.
+"""The adapter design space of Xiang et al. 2023 on an unmodified diffusers denoiser.
 
     cfg = AdapterConfig(input_position="CA_out", output_position="FFN_in")   # the paper's best
     adapters = attach_adapters(unet, cfg)                  # hooks; adapters start as identity
@@ -6,15 +6,21 @@
     save_adapters(adapters, "export/")                     # safetensors + JSON sidecar
     load_adapters(pipeline, "export/")                     # fresh UNet / pipeline, for inference
 
+The denoiser may also be a PixArt or DiT transformer (adaLN blocks; `hook_points` per block);
+`missing_parts` refuses, before weights load, pairs a denoiser lacks (CA_* on DiT, Res_* on a
+transformer).
+
 Positions and their merges: `t2ilab.adapters.positions`; hooks: `t2ilab.adapters.attach`.
 """
 
 from t2ilab.adapters.attach import (
     AdapterSet,
+    HookPoints,
     attach_adapters,
     block_key,
     count_adapter_parameters,
     freeze_unet_except_adapters,
+    hook_points,
 )
 from t2ilab.adapters.config import ACTIVATIONS, DEFAULT_RANK, SCALES, AdapterConfig
 from t2ilab.adapters.io import (
@@ -30,6 +36,7 @@ from t2ilab.adapters.positions import (
     OUTPUT_POSITIONS,
     PAPER_PAIRS,
     InvalidAdapterPair,
+    missing_parts,
     valid_pairs,
     validate_pair,
     validity_matrix,
@@ -47,6 +54,7 @@ __all__ = [
     "SCALES",
     "AdapterConfig",
     "AdapterSet",
+    "HookPoints",
     "InvalidAdapterPair",
     "ResBlockAdapter",
     "TransformerAdapter",
@@ -54,7 +62,9 @@ __all__ = [
     "block_key",
     "count_adapter_parameters",
     "freeze_unet_except_adapters",
+    "hook_points",
     "load_adapters",
+    "missing_parts",
     "save_adapters",
     "valid_pairs",
     "validate_pair",

@@ -1,8 +1,8 @@
-"""Attach adapters to an unmodified diffusers UNet through forward hooks and pre-hooks.
+"""Attach adapters to an unmodified diffusers denoiser through forward hooks and pre-hooks.
 
-One adapter per `BasicTransformerBlock` (or per `ResnetBlock2D`). Where each position is read or
-written is tabled in `t2ilab.adapters.positions`; the hooks used, in the order they fire inside a
-transformer block::
+The denoiser is SD's UNet, a PixArt or a DiT transformer. One adapter per `BasicTransformerBlock`
+(or per `ResnetBlock2D`). Where each position is read or written is tabled in
+`t2ilab.adapters.positions`; the hooks used, in the order they fire inside a transformer block::
 
     block pre-hook   read SA_in / CA_c,   write SA_in   (replaces the `hidden_states` argument)
     attn1 hook       read SA_out,         write CA_in   (a1 + d; same residual as SA_out + d)
@@ -16,9 +16,18 @@ transformer block::
 and on a ResnetBlock2D: its pre-hook reads / writes Res_in (the `input_tensor` argument, so the
 change reaches both the residual branch and the shortcut), its forward hook Res_out.
 
+That is an SD block (norm_type "layer_norm"); `hook_points(block)` gives each block's tables.
+PixArt ("ada_norm_single") reads CA_in at attn2's pre-hook (its hidden_states: PixArt applies no
+norm before cross-attention) and FFN_in at norm2's pre-hook (norm2 is the FFN's norm there; there
+is no norm3). DiT ("ada_norm_zero", no attn2) reads CA_in and FFN_in (the same h1) at norm3's pre-hook
+and has no CA_c, CA_out or FFN_in-output hook. Writes use the hooks above; on adaLN blocks the
+CA_in write (at attn1) reaches the residual as gate_msa * d (tabled in positions.py).
+
 A pair whose input is read after the hook that writes its output (CA_in -> CA_in, FFN_in ->
 FFN_in) rebuilds the input at the writing hook from the residual stashed at an earlier hook
-(h1 = h0 + a1, h2 = h1 + a2), as the official code does (`attn2i = attn1o + attn1i`). Otherwise
+(h1 = h0 + a1, h2 = h1 + a2), as the official code does (`attn2i = attn1o + attn1i`); on adaLN
+blocks h1 = h0 + gate_msa * a1, with gate_msa computed as diffusers does (PixArt: from the block's
+`timestep` argument and scale_shift_table in a block pre-hook; DiT: norm1's output). Otherwise
 the adapter output computed at the read hook waits in the block's slot until the write hook.
 
 No diffusers class or forward is changed; `AdapterSet.remove()` takes every hook off again. The
@@ -34,7 +43,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -43,11 +52,12 @@ from torch import nn
 
 from t2ilab.adapters.config import AdapterConfig
 from t2ilab.adapters.modules import ResBlockAdapter, TransformerAdapter
-from t2ilab.adapters.positions import InvalidAdapterPair, validate_pair
+from t2ilab.adapters.positions import InvalidAdapterPair, missing_parts, validate_pair
 from t2ilab.errors import UserError
 
 # Hook events: (submodule attribute, "pre" | "post"); "" is the block itself.
 BLOCK_PRE = ("", "pre")
+NORM1_POST = ("norm1", "post")
 ATTN1_POST = ("attn1", "post")
 NORM2_PRE = ("norm2", "pre")
 ATTN2_PRE = ("attn2", "pre")
@@ -56,6 +66,7 @@ NORM3_PRE = ("norm3", "pre")
 FF_POST = ("ff", "post")
 BLOCK_POST = ("", "post")
 
+# The tables of an SD block (norm_type "layer_norm"); `hook_points` derives the others.
 _READ = {
     "SA_in": BLOCK_PRE,
     "CA_c": BLOCK_PRE,
@@ -82,11 +93,63 @@ _REBUILT = {
     ("CA_in", "CA_in"): (ATTN1_POST, BLOCK_PRE),
     ("FFN_in", "FFN_in"): (ATTN2_POST, NORM2_PRE),
 }
+SUPPORTED_NORM_TYPES: tuple[str, ...] = ("layer_norm", "ada_norm_single", "ada_norm_zero")
+
+
+class HookPoints(NamedTuple):
+    """Where one block's positions are read and written (events as above).
+
+    read / write: position -> event; rebuilt: (inp, out) -> (read event, residual stashed at);
+    gate: where gate_msa is captured for rebuilding h1 (None: no gate, SD)."""
+
+    read: dict[str, tuple[str, str]]
+    write: dict[str, tuple[str, str]]
+    rebuilt: dict[tuple[str, str], tuple[tuple[str, str], tuple[str, str]]]
+    gate: tuple[str, str] | None
+
+
+def hook_points(block: nn.Module) -> HookPoints:
+    """The READ / WRITE / REBUILT tables of a block: a ResnetBlock2D, or a BasicTransformerBlock
+    of norm_type layer_norm (SD), ada_norm_single (PixArt) or ada_norm_zero (DiT). Positions that
+    the block lacks (no cross-attention) are absent from the tables."""
+    if isinstance(block, ResnetBlock2D):
+        return HookPoints(
+            {k: _READ[k] for k in ("Res_in", "Res_out")},
+            {k: _WRITE[k] for k in ("Res_in", "Res_out")},
+            {},
+            None,
+        )
+    norm_type = getattr(block, "norm_type", None)
+    if norm_type not in SUPPORTED_NORM_TYPES:
+        raise UserError(
+            "Adapters support BasicTransformerBlocks of norm_type "
+            f"{', '.join(SUPPORTED_NORM_TYPES)}; got {type(block).__name__} with "
+            f"norm_type={norm_type!r}."
+        )
+    read = {k: v for k, v in _READ.items() if not k.startswith("Res")}
+    write = {k: v for k, v in _WRITE.items() if not k.startswith("Res")}
+    rebuilt = dict(_REBUILT)
+    if norm_type == "ada_norm_single":  # no norm before attn2; norm2 is the FFN's norm
+        read["CA_in"] = ATTN2_PRE
+        read["FFN_in"] = NORM2_PRE
+        rebuilt[("FFN_in", "FFN_in")] = (ATTN2_POST, ATTN2_PRE)
+    if block.attn2 is None:  # h2 = h1: CA_in is read where FFN_in is
+        read["CA_in"] = read["FFN_in"]
+        for pos in ("CA_c", "CA_out"):
+            del read[pos]
+        for pos in ("CA_c", "FFN_in"):
+            del write[pos]
+        del rebuilt[("FFN_in", "FFN_in")]
+    gate = {"ada_norm_single": BLOCK_PRE, "ada_norm_zero": NORM1_POST}.get(norm_type)
+    return HookPoints(read, write, rebuilt, gate)
+
 
 # The argument a pre-hook reads or replaces: (index in *args, keyword), from each forward's signature.
 _HIDDEN_ARG = (0, "hidden_states")  # BasicTransformerBlock.forward
 _CONTEXT_ARG = (2, "encoder_hidden_states")  # BasicTransformerBlock.forward
+_TIMESTEP_ARG = (4, "timestep")  # BasicTransformerBlock.forward
 _RES_INPUT_ARG = (0, "input_tensor")  # ResnetBlock2D.forward
+_ATTN_HIDDEN_ARG = (0, "hidden_states")  # Attention.forward
 _ATTN_CONTEXT_ARG = (1, "encoder_hidden_states")  # Attention.forward
 _NORM_INPUT_ARG = (0, "input")  # LayerNorm.forward
 
@@ -140,6 +203,27 @@ class _PostHook:
         return self.owner.step(self.event, output, output)
 
 
+class _GateHook:
+    """Captures gate_msa for rebuilding h1 = h0 + gate_msa * a1 on an adaLN block, exactly as
+    diffusers computes it: a block pre-hook on PixArt (scale_shift_table + timestep), a norm1
+    forward hook on DiT (AdaLayerNormZero returns the gates)."""
+
+    def __init__(self, owner: _BlockHooks):
+        self.owner = owner
+
+    def __call__(self, module, args, kwargs_or_output):
+        if isinstance(kwargs_or_output, tuple):  # DiT norm1: (x, gate_msa, shift, scale, gate_mlp)
+            self.owner.gate = kwargs_or_output[1].unsqueeze(1)
+            return None
+        hidden = _get_arg(args, kwargs_or_output, _HIDDEN_ARG)
+        timestep = _get_arg(args, kwargs_or_output, _TIMESTEP_ARG)
+        if timestep is None:
+            raise RuntimeError("Adapter CA_in -> CA_in on a PixArt block needs its timestep.")
+        table = module.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
+        self.owner.gate = table.chunk(6, dim=1)[2]
+        return None
+
+
 class _BlockHooks:
     """One adapter's hooks on one block, and the tensors carried between them in one forward."""
 
@@ -149,24 +233,34 @@ class _BlockHooks:
         self.adapter = adapter
         self.block = block
         self.inp, self.out = inp, out
-        self.write_event = _WRITE[out]
-        self.read_event, self.stash_event = _REBUILT.get((inp, out), (_READ[inp], None))
+        points = hook_points(block)
+        self.write_event = points.write[out]
+        self.read_event, self.stash_event = points.rebuilt.get((inp, out), (points.read[inp], None))
         if (inp, out) == ("CA_c", "CA_c"):
             self.read_event = ATTN2_PRE
         self.pending: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.gate: torch.Tensor | None = None
+        self.handles = []
+        if self.stash_event == BLOCK_PRE and points.gate is not None:  # h1 behind gate_msa
+            self.handles.append(self._register_gate(points.gate))
         events = dict.fromkeys(
             e for e in (self.stash_event, self.read_event, self.write_event) if e
         )
-        self.handles = [self._register(event) for event in events]
+        self.handles += [self._register(event) for event in events]
+
+    def _register_gate(self, event: tuple[str, str]):
+        if event == BLOCK_PRE:
+            return self.block.register_forward_pre_hook(_GateHook(self), with_kwargs=True)
+        return getattr(self.block, event[0]).register_forward_hook(_GateHook(self))
 
     def _register(self, event: tuple[str, str]):
         attr, kind = event
         module = getattr(self.block, attr) if attr else self.block
         if kind == "post":
             return module.register_forward_hook(_PostHook(self, event))
-        if attr == "attn2":
-            where = _ATTN_CONTEXT_ARG
+        if attr == "attn2":  # the context for CA_c pairs, else h1 (PixArt's CA_in)
+            where = _ATTN_CONTEXT_ARG if "CA_c" in (self.inp, self.out) else _ATTN_HIDDEN_ARG
         elif attr:
             where = _NORM_INPUT_ARG
         else:
@@ -188,7 +282,8 @@ class _BlockHooks:
                     "turn it off with block.set_chunk_feed_forward(None)."
                 )
             if self.stash_event is not None:  # CA_in / FFN_in rebuilt at the writing hook
-                read, self.residual = self.residual + stream, None
+                branch = stream if self.gate is None else self.gate * stream
+                read, self.residual, self.gate = self.residual + branch, None, None
             if read is None:
                 raise RuntimeError(f"Adapter input {self.inp} was not passed to the block.")
             delta = self.adapter(read)
@@ -210,7 +305,7 @@ class _BlockHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self.pending = self.residual = None
+        self.pending = self.residual = self.gate = None
 
 
 class AdapterSet(nn.Module):
@@ -275,28 +370,43 @@ class AdapterSet(nn.Module):
         )
 
 
-def _resolve_unet(unet_or_pipeline: Any) -> nn.Module:
-    unet = getattr(unet_or_pipeline, "unet", unet_or_pipeline)
-    if not isinstance(unet, nn.Module):
-        raise UserError(
-            f"Expected a diffusers UNet or a pipeline with .unet, got {type(unet).__name__}."
-        )
-    return unet
+def _resolve_denoiser(obj: Any) -> nn.Module:
+    """A denoiser (UNet, PixArt / DiT transformer) itself, or a pipeline's .unet / .transformer."""
+    for attr in ("unet", "transformer"):
+        module = getattr(obj, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    if isinstance(obj, nn.Module):
+        return obj
+    raise UserError(
+        "Expected a diffusers denoiser (UNet, PixArt / DiT transformer) or a pipeline with "
+        f".unet or .transformer, got {type(obj).__name__}."
+    )
 
 
-def _find_blocks(unet: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+_resolve_unet = _resolve_denoiser  # the old name
+
+
+def _denoiser_name(denoiser: nn.Module) -> str:
+    """'UNet' for any UNet class, else the class name (e.g. 'PixArtTransformer2DModel')."""
+    name = type(denoiser).__name__
+    return "UNet" if name.startswith("UNet") else name
+
+
+def _find_blocks(denoiser: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     kind = BasicTransformerBlock if config.targets == "transformer" else ResnetBlock2D
-    blocks = [(n, m) for n, m in unet.named_modules() if isinstance(m, kind)]
+    blocks = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, kind)]
+    what = _denoiser_name(denoiser)
     if not blocks:
         raise UserError(
-            f"The UNet has no {kind.__name__} modules to attach {config.targets} adapters to."
+            f"The {what} has no {kind.__name__} modules to attach {config.targets} adapters to."
         )
     if config.block_filter is not None:
         pattern = re.compile(config.block_filter)
         chosen = [(n, m) for n, m in blocks if pattern.search(n)]
         if not chosen:
             raise UserError(
-                f"Adapter block_filter {config.block_filter!r} matches none of the UNet's "
+                f"Adapter block_filter {config.block_filter!r} matches none of the {what}'s "
                 f"{len(blocks)} {kind.__name__} modules (e.g. {blocks[0][0]!r})."
             )
         blocks = chosen
@@ -304,18 +414,21 @@ def _find_blocks(unet: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.M
 
 
 def _transformer_adapter(name: str, block: nn.Module, config: AdapterConfig) -> nn.Module:
+    attn2 = block.attn2
     if (
-        getattr(block, "norm_type", None) != "layer_norm"
-        or block.attn2 is None
+        getattr(block, "norm_type", None) not in SUPPORTED_NORM_TYPES
+        or (attn2 is not None and not attn2.is_cross_attention)
         or block.only_cross_attention
         or block.pos_embed is not None
     ):
         raise UserError(
-            f"Adapters support BasicTransformerBlocks as in Stable Diffusion's UNet (layer_norm, "
-            f"self- then cross-attention); {name!r} is not one (norm_type={block.norm_type!r})."
+            "Adapters support BasicTransformerBlocks as in SD's UNet, PixArt or DiT (norm_type "
+            f"{' / '.join(SUPPORTED_NORM_TYPES)}, self-attention then optional cross-attention); "
+            f"{name!r} is not one (norm_type={block.norm_type!r})."
         )
-    dim = block.norm1.normalized_shape[0]
-    context_dim = block.attn2.to_k.in_features
+    shape = getattr(block.norm1, "normalized_shape", None)  # DiT's AdaLayerNormZero has none
+    dim = shape[0] if shape else block.attn1.to_q.in_features
+    context_dim = attn2.to_k.in_features if attn2 is not None else None
     inp, out = config.input_position, config.output_position
     in_dim = context_dim if inp == "CA_c" else dim
     out_dim = context_dim if out == "CA_c" else dim
@@ -351,6 +464,14 @@ def _resblock_adapter(name: str, block: nn.Module, config: AdapterConfig) -> nn.
     )
 
 
+def _refuse_missing(denoiser: nn.Module, config: AdapterConfig, cross: bool, res: bool) -> None:
+    reason = missing_parts(
+        config.input_position, config.output_position, cross, res, denoiser=type(denoiser).__name__
+    )
+    if reason:
+        raise UserError(reason)
+
+
 def attach_adapters(
     unet: Any,
     config: AdapterConfig | Mapping[str, Any],
@@ -359,18 +480,27 @@ def attach_adapters(
 ) -> AdapterSet:
     """Create one zero-initialised adapter per matching block of `unet` and hook it in.
 
-    `unet` may be a `UNet2DConditionModel` or a pipeline (its `.unet` is used). Adapters are created
-    on the UNet's device in `dtype` (float32 by default, also under a float16 UNet: they cast at
-    their boundary). Raises `InvalidAdapterPair` for a pair no adapter can implement.
+    `unet` is the denoiser: a `UNet2DConditionModel`, a `PixArtTransformer2DModel` /
+    `DiTTransformer2DModel`, or a pipeline (its `.unet`, else its `.transformer`). Adapters are
+    created on its device in `dtype` (float32 by default, also under a float16 model: they cast at
+    their boundary). Raises `InvalidAdapterPair` for a pair no adapter can implement, a one-line
+    UserError for one this denoiser lacks (`positions.missing_parts`: CA_* on DiT, Res_* on a
+    transformer).
     """
-    unet = _resolve_unet(unet)
+    unet = _resolve_denoiser(unet)
     if not isinstance(config, AdapterConfig):
         config = AdapterConfig.from_dict(dict(config))
     ok, reason = validate_pair(config.input_position, config.output_position)
     if not ok:
         raise InvalidAdapterPair(reason)
     build = _transformer_adapter if config.targets == "transformer" else _resblock_adapter
+    if config.targets == "resblock":
+        _refuse_missing(
+            unet, config, True, any(isinstance(m, ResnetBlock2D) for m in unet.modules())
+        )
     blocks = _find_blocks(unet, config)
+    if config.targets == "transformer":
+        _refuse_missing(unet, config, all(block.attn2 is not None for _, block in blocks), True)
     try:
         device = next(unet.parameters()).device
     except StopIteration:
@@ -397,9 +527,9 @@ def attach_adapters(
 def freeze_unet_except_adapters(
     unet: Any, adapters: AdapterSet | Iterable[AdapterSet]
 ) -> list[nn.Parameter]:
-    """Freeze every UNet parameter, make the adapters trainable; returns the trainable parameters
-    (what the optimizer gets)."""
-    unet = _resolve_unet(unet)
+    """Freeze every denoiser parameter, make the adapters trainable; returns the trainable
+    parameters (what the optimizer gets)."""
+    unet = _resolve_denoiser(unet)
     unet.requires_grad_(False)
     sets = [adapters] if isinstance(adapters, AdapterSet) else list(adapters)
     params: list[nn.Parameter] = []
@@ -418,7 +548,7 @@ def count_adapter_parameters(
     count excludes the adapters (they are not registered inside it). SD 1.x with the default
     CA_out -> FFN_in adapters (rank 60): (1_511_040, 0.00176).
     """
-    unet = _resolve_unet(unet)
+    unet = _resolve_denoiser(unet)
     if adapters is None:
         sets = list(_ATTACHED.get(unet, ()))
     elif isinstance(adapters, AdapterSet):

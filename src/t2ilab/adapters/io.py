@@ -1,11 +1,11 @@
 """Adapters on disk, apart from the base weights: a safetensors file + a JSON sidecar.
 
     export/t2ilab_adapters.safetensors   {block_key.down.weight: ..., ...}  (float32)
-    export/t2ilab_adapters.json          {"config": AdapterConfig, "blocks": [UNet module names], ...}
+    export/t2ilab_adapters.json          {"config": AdapterConfig, "blocks": [module names], ...}
 
 `path` is either a folder (the two standard names inside) or a `.safetensors` file (the sidecar
 is the same path with `.json`). Loading re-attaches the adapters by config to a fresh diffusers
-UNet (or `pipeline.unet`) of the same architecture.
+denoiser (UNet, PixArt / DiT transformer, or a pipeline's) of the same architecture.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from t2ilab.adapters.attach import AdapterSet, _resolve_unet, attach_adapters
+from t2ilab.adapters.attach import AdapterSet, _denoiser_name, _resolve_denoiser, attach_adapters
 from t2ilab.adapters.config import AdapterConfig
 from t2ilab.errors import UserError
 from t2ilab.utils.atomic import atomic_file, write_json_atomic
@@ -86,10 +86,12 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[st
 def load_adapters(
     unet_or_pipeline: Any, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
 ) -> AdapterSet:
-    """Attach the adapters saved at `path` to a (fresh) UNet or `pipeline.unet` and load their
-    weights. The UNet must have the blocks they were trained on; otherwise nothing stays attached
-    and a UserError says what differs."""
-    unet = _resolve_unet(unet_or_pipeline)
+    """Attach the adapters saved at `path` to a (fresh) denoiser (a UNet, a PixArt / DiT
+    transformer, or a pipeline's `.unet` / `.transformer`) and load their weights. It must have
+    the blocks they were trained on; otherwise nothing stays attached and a UserError says what
+    differs."""
+    unet = _resolve_denoiser(unet_or_pipeline)
+    what = _denoiser_name(unet)
     config, meta = read_adapter_config(path)
     weights, _ = adapter_paths(path)
     adapter_set = attach_adapters(unet, config, dtype=dtype)
@@ -98,15 +100,15 @@ def load_adapters(
             missing = sorted(set(meta["blocks"]) - set(adapter_set.block_names))
             extra = sorted(set(adapter_set.block_names) - set(meta["blocks"]))
             raise UserError(
-                f"Adapters at {path} were trained on other UNet blocks: missing here {missing[:3]}, "
-                f"not in the file {extra[:3]}."
+                f"Adapters at {path} were trained on other {what} blocks: missing here "
+                f"{missing[:3]}, not in the file {extra[:3]}."
             )
         state = load_file(str(weights))
         try:
             adapter_set.adapters.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise UserError(
-                f"Adapters at {path} do not fit this UNet (a different architecture?): "
+                f"Adapters at {path} do not fit this {what} (a different architecture?): "
                 f"{' '.join(str(e).split())[:400]}"
             ) from None
     except BaseException:

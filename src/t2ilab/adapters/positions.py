@@ -65,6 +65,35 @@ cross_attention_dim -> r -> dim and its outputs are MEAN-POOLED over the text to
 (B, 1, dim) vector per sample that broadcasts over all image tokens: a text-conditioned bias. Plain
 mean over all tokens (padding included, as SD's CLIP context has no mask), so the result does not
 depend on an attention mask the UNet may not get. `PAPER_PAIRS` lists the paper's 20 pairs.
+
+adaLN blocks (PixArt: norm_type "ada_norm_single"; DiT: "ada_norm_zero"). The same names mean the
+same tensors; only the gates differ. With shift/scale/gate from the timestep (PixArt:
+scale_shift_table + timestep; DiT: returned by norm1)::
+
+    h0 = block input                                  <- SA_in
+    a1 = attn1(mod_msa(norm1(h0)))                    <- SA_out
+    h1 = h0 + gate_msa * a1                           <- CA_in    (PixArt: attn2's input, no norm2)
+    a2 = attn2(h1, c)                                 <- CA_out   (PixArt; DiT has no attn2)
+    h2 = h1 + a2  (DiT: h2 = h1)                      <- FFN_in   (input of the FFN's norm)
+    f  = ff(mod_mlp(norm(h2)))                        <- FFN_out  (norm2 on PixArt, norm3 on DiT)
+    h3 = h2 + gate_mlp * f                            <- Trans_out
+
+Outputs are written at the same hooks as on SD, so two of them reach the residual through a gate:
+
+    =============  ========================================  ===================================
+    output         hook                                      effect on the residual stream
+    =============  ========================================  ===================================
+    SA_in          block pre-hook                            h0 + d
+    CA_in, SA_out  attn1 forward hook: a1 + d                h1 + gate_msa * d   (gated)
+    CA_c           attn2 pre-hook (encoder_hidden_states)    c + d               (PixArt only)
+    FFN_in, CA_out attn2 forward hook: a2 + d                h2 + d              (PixArt only)
+    Trans_out      block forward hook                        h3 + d   (not gate_mlp * d: FFN_out
+                                                                       as output means Trans_out)
+    =============  ========================================  ===================================
+
+Blocks without cross-attention (DiT) have no CA_c, no CA_out and no hook that writes FFN_in;
+CA_in as an input is h1, which there is also FFN_in (h2 = h1). `missing_parts` says, before any
+weights load, which pairs a denoiser cannot take (also ResBlock positions on a transformer).
 """
 
 from __future__ import annotations
@@ -223,6 +252,53 @@ def validate_pair(input_position: str, output_position: str) -> tuple[bool, str]
         else ""
     )
     return True, f"Reads {inp} and adds to {out}{merged}{note}."
+
+
+# Positions that need a cross-attention layer in the block (DiT's blocks have none). FFN_in as an
+# output is written at attn2's forward hook; CA_in as an input is h1, readable without attn2.
+NEEDS_CROSS_ATTENTION_IN: tuple[str, ...] = ("CA_c", "CA_out")
+NEEDS_CROSS_ATTENTION_OUT: tuple[str, ...] = ("CA_c", "FFN_in")
+
+
+def missing_parts(
+    input_position: str,
+    output_position: str,
+    has_cross_attention: bool = True,
+    has_resblocks: bool = True,
+    *,
+    denoiser: str = "the denoiser",
+) -> str | None:
+    """Why a denoiser cannot take this pair, in one line; None when it can. No model needed:
+    `has_cross_attention` is whether its transformer blocks have cross-attention (False on DiT),
+    `has_resblocks` whether it has ResBlocks (False on PixArt / DiT). Invalid pairs give
+    `validate_pair`'s reason."""
+    ok, reason = validate_pair(input_position, output_position)
+    if not ok:
+        return reason
+    inp, out = canonical_input(input_position), canonical_output(output_position)
+    cross_in = () if has_cross_attention else NEEDS_CROSS_ATTENTION_IN
+    cross_out = () if has_cross_attention else NEEDS_CROSS_ATTENTION_OUT
+    inputs = [p for p in TRANSFORMER_INPUTS if p not in cross_in]
+    outputs = [p for p in TRANSFORMER_OUTPUTS if p not in cross_out]
+    if family(inp) == "resblock":
+        if has_resblocks:
+            return None
+        return (
+            f"Adapter positions {inp} -> {out} need ResBlocks, but {denoiser} has none (a "
+            f"transformer); use transformer positions ({', '.join(inputs)})."
+        )
+    raw_out = _LOOKUP[str(output_position).strip().lower()]
+    missing = [f"input {inp}"] if inp in cross_in else []
+    if out in cross_out:
+        missing.append(f"output {raw_out}" + (f" (= {out})" if raw_out != out else ""))
+    if not missing:
+        return None
+    return (
+        f"Adapter {' and '.join(missing)} {'have' if len(missing) > 1 else 'has'} no hook: "
+        f"{denoiser}'s transformer blocks have no cross-attention (as in DiT); use inputs "
+        f"{', '.join(inputs)} and outputs {', '.join(outputs)} (or SA_out / FFN_out, merged "
+        "into CA_in / Trans_out)."
+    )
 
 
 def validity_matrix() -> dict[tuple[str, str], bool]:

@@ -61,16 +61,22 @@ class SampleGridCallback(L.Callback):
         if self.at_end and trainer.global_step != self._last_step:
             self.sample(trainer, pl_module)
 
-    @rank_zero_only
-    def sample(self, trainer, pl_module) -> Path | None:
+    def rows(self, trainer, pl_module) -> list[str] | list[int]:
+        """One grid row per prompt, or per class (the first four) on a class-conditional model."""
+        if not pl_module.backbone.has_text:
+            return sorted(getattr(pl_module.backbone, "id2label", {}) or range(4))[:4]
         templates = self.prompts
         if templates is None:  # the data's own, e.g. the first training captions
             source = getattr(trainer, "datamodule", None)
             templates = source.validation_prompts() if hasattr(source, "validation_prompts") else []
-        if not templates:
+        return [p.format(**pl_module.prompt_vars) for p in templates]
+
+    @rank_zero_only
+    def sample(self, trainer, pl_module) -> Path | None:
+        prompts = self.rows(trainer, pl_module)
+        if not prompts:
             return None
         self._last_step = trainer.global_step
-        prompts = [p.format(**pl_module.prompt_vars) for p in templates]
         with pl_module.for_inference():  # e.g. the EMA weights when ema.enabled
             images = generate_images(
                 pl_module,
@@ -82,7 +88,9 @@ class SampleGridCallback(L.Callback):
                 self.guidance_scale,
                 self.resolution,
             )
-        grid = make_grid(images, rows=len(prompts), captions=prompts)
+        labels = getattr(pl_module.backbone, "id2label", {}) or {}
+        captions = [p if isinstance(p, str) else labels.get(p, f"class {p}") for p in prompts]
+        grid = make_grid(images, rows=len(prompts), captions=captions)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"step_{trainer.global_step:06d}.png"
         save_image_atomic(grid, path)
@@ -90,7 +98,7 @@ class SampleGridCallback(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
-                    "samples", [grid], step=trainer.global_step, caption=[" | ".join(prompts)]
+                    "samples", [grid], step=trainer.global_step, caption=[" | ".join(captions)]
                 )
         return path
 
@@ -99,8 +107,8 @@ class SampleGridCallback(L.Callback):
 def generate_images(
     module, prompts, images_per_prompt, seed, scheduler_name, steps, guidance_scale, resolution=None
 ):
-    """Images for each prompt with seeds seed..seed+k-1, from the module's current weights and
-    the schedule it is trained with."""
+    """Images for each prompt (or class id) with seeds seed..seed+k-1, from the module's current
+    weights and the schedule it is trained with."""
     from t2ilab.noise import inference_scheduler_config
 
     was_training = module.training
@@ -116,6 +124,14 @@ def generate_images(
                 torch.Generator(device="cpu").manual_seed(seed + i)
                 for i in range(images_per_prompt)
             ]
+            if isinstance(prompt, int):  # a class id: DiT's pipeline samples at its own size
+                images += pipe(
+                    class_labels=[prompt] * images_per_prompt,
+                    generator=generators,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                ).images
+                continue
             images += pipe(
                 prompt=[prompt] * images_per_prompt,
                 generator=generators,

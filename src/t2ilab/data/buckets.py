@@ -312,7 +312,7 @@ class BucketedCaptionDataset(Dataset):
 
 def collate_bucketed(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a one-bucket batch of `BucketedCaptionDataset` items and add its size conditioning
-    (`resolution`, `aspect_ratio`, what `PixArtModule` passes as `added_cond_kwargs`)."""
+    (`resolution`, `aspect_ratio`, what `PixArtBackbone` passes as `added_cond_kwargs`)."""
     shapes = {tuple(e["pixel_values"].shape) for e in examples}
     if len(shapes) > 1:
         raise ValueError(

@@ -3,10 +3,13 @@ diffusers; `load_export` is the inverse for evaluation and inference.
 
 | method            | artefact in export/                         | stock diffusers                        |
 | ----------------- | ------------------------------------------- | -------------------------------------- |
-| full fine-tuning  | a pipeline folder (model_index.json, ...)    | StableDiffusionPipeline.from_pretrained |
-| PixArt, DiT       | a pipeline folder (DiT: labels in model_index) | DiffusionPipeline.from_pretrained       |
-| LoRA              | pytorch_lora_weights.safetensors             | pipe.load_lora_weights(export)          |
-| textual inversion | learned_embeds.safetensors                   | pipe.load_textual_inversion(export)     |
+| full fine-tuning  | a pipeline folder (model_index.json, ...)    | DiffusionPipeline.from_pretrained       |
+|                   | (DiT: class labels in model_index.json)     |                                        |
+| LoRA on SD, SDXL  | pytorch_lora_weights.safetensors             | pipe.load_lora_weights(export)          |
+| LoRA on PixArt,   | adapter_config.json + adapter_model         | PeftModel.from_pretrained(              |
+| DiT               | .safetensors (peft's format)                 |     pipe.transformer, export)           |
+| textual inversion | learned_embeds.safetensors (SDXL: and        | pipe.load_textual_inversion(export)     |
+|                   | learned_embeds_2.safetensors)                | (SDXL: one call per text encoder)       |
 | adapters          | adapters.safetensors (+ json)                | t2ilab.adapters.load_adapters(pipe, …)  |
 
 Parameter-efficient exports also hold scheduler/ (the trained schedule, as trained_betas), and,
@@ -30,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
-from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
+from t2ilab.models.pipelines import make_sampler
 from t2ilab.models.sources import is_local_reference
 from t2ilab.noise import inference_scheduler_config
 from t2ilab.utils.atomic import atomic_directory, write_json_atomic
@@ -131,7 +134,7 @@ def export_pipeline(
 
     The scheduler config carries the training betas as `trained_betas`, so swapping in any other
     sampler with `OtherScheduler.from_config(pipe.scheduler.config)` keeps the trained schedule.
-    `base_components` (a StableDiffusionComponents) adds base_model/ for artefacts that need one.
+    `base_components` (a Backbone) adds base_model/ for artefacts that need one.
     """
     out_dir = Path(out_dir)
     sampler = make_sampler(
@@ -139,10 +142,8 @@ def export_pipeline(
     )
     with atomic_directory(out_dir) as tmp:
         module.save_artefact(tmp, sampler)
-        if base_components is not None:
-            c = base_components
-            base = build_sd_pipeline(c.unet, c.vae, c.text_encoder, c.tokenizer, sampler)
-            base.save_pretrained(tmp / BASE_MODEL_DIR, safe_serialization=True)
+        if base_components is not None:  # a Backbone built from config
+            base_components.save_pipeline(tmp / BASE_MODEL_DIR, sampler)
         write_json_atomic(tmp / METADATA_FILE, {"artefact": module.artefact, **(metadata or {})})
     log.info("export: %s in %s", module.artefact, out_dir)
     return out_dir
@@ -214,22 +215,64 @@ def export_base_model(export_dir: str | Path, base_model: str | None = None) -> 
     return str(Path(base).expanduser())
 
 
+def load_base_pipeline(base: str):
+    """The pipeline a parameter-efficient export applies to, as its folder's model_index.json
+    names it (SD, SDXL, PixArt-alpha/Sigma, DiT)."""
+    from diffusers import DiffusionPipeline
+
+    from t2ilab.models.pixart_dit import load_dit_pipeline
+
+    name = DiffusionPipeline.load_config(base).get("_class_name", "")
+    if name == "DiTPipeline":
+        return load_dit_pipeline(base)
+    # SD's own safety checker is not part of a trained model (and not in tiny base models).
+    extra = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
+    return DiffusionPipeline.from_pretrained(base, **extra)
+
+
+def apply_lora(pipe, export_dir: Path) -> None:
+    """diffusers' LoRA loader where the pipeline has one (SD, SDXL); otherwise the peft adapter
+    folder on the transformer (PixArt, DiT), merged so the pipeline keeps its own classes."""
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(export_dir)
+        return
+    from peft import PeftModel
+
+    pipe.transformer = PeftModel.from_pretrained(pipe.transformer, export_dir).merge_and_unload()
+
+
+def apply_textual_inversion(pipe, export_dir: Path) -> None:
+    """One embeddings file per text encoder: learned_embeds.safetensors, and SDXL's second
+    encoder's learned_embeds_2.safetensors (as diffusers' SDXL example writes them)."""
+    second = export_dir / "learned_embeds_2.safetensors"
+    if not second.is_file():
+        pipe.load_textual_inversion(export_dir)
+        return
+    for file, encoder, tokenizer in (
+        ("learned_embeds.safetensors", pipe.text_encoder, pipe.tokenizer),
+        (second.name, pipe.text_encoder_2, pipe.tokenizer_2),
+    ):
+        pipe.load_textual_inversion(
+            str(export_dir / file), text_encoder=encoder, tokenizer=tokenizer
+        )
+
+
 def load_export(export_dir: str | Path, base_model: str | None = None):
     """A ready pipeline for any t2ilab export (or any diffusers pipeline folder). `base_model`
     (a folder or hub id) replaces the base a parameter-efficient export names."""
-    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     export_dir = Path(export_dir)
     if pipeline_class_name(export_dir) == "DiTPipeline":
         from t2ilab.models.pixart_dit import load_dit_pipeline
 
         return load_dit_pipeline(export_dir)
-    if (export_dir / "model_index.json").is_file():  # SD or PixArt pipeline folder
+    if (export_dir / "model_index.json").is_file():  # SD, SDXL or PixArt pipeline folder
         return DiffusionPipeline.from_pretrained(export_dir)
     base = export_base_model(export_dir, base_model)
     artefact = read_metadata(export_dir)["artefact"]
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+        pipe = load_base_pipeline(base)
     except OSError as err:  # a hub id that is offline, unknown or gated
         raise UserError(
             f"{export_dir} holds {artefact} weights for base model {base}, which could not be "
@@ -238,9 +281,9 @@ def load_export(export_dir: str | Path, base_model: str | None = None):
     if (export_dir / "scheduler").is_dir():
         pipe.scheduler = DDIMScheduler.from_pretrained(export_dir, subfolder="scheduler")
     if artefact == "lora":
-        pipe.load_lora_weights(export_dir)
+        apply_lora(pipe, export_dir)
     elif artefact == "textual_inversion":
-        pipe.load_textual_inversion(export_dir)
+        apply_textual_inversion(pipe, export_dir)
     elif artefact == "adapters":
         from t2ilab.adapters import load_adapters
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +16,57 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from t2ilab.errors import UserError
 from t2ilab.models import pixart_dit
+from t2ilab.models.backbone import Backbone
+from t2ilab.models.families import family_of
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
 from t2ilab.models.sources import component_folder, is_local_reference, plain, pretrained_source
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StableDiffusionComponents:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler_config: dict[str, Any]
+class StableDiffusionBackbone(Backbone):
+    """A UNet conditioned on one CLIP text encoder's last hidden states (SD 1.x / 2.x)."""
 
-    def module_kwargs(self) -> dict[str, Any]:
-        """What a method's LightningModule is built from."""
-        return dict(
-            unet=self.unet,
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            scheduler_config=self.scheduler_config,
+    family = "sd"
+    description = "a Stable Diffusion UNet with CLIP text"
+    denoiser_name = "unet"
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config):
+        super().__init__(
+            scheduler_config, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
         )
+
+    def encode_condition(self, batch: dict[str, Any], text_grad: bool = False) -> torch.Tensor:
+        if "prompt_embeds" in batch:  # from the feature cache
+            return batch["prompt_embeds"]
+        with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+            return self.text_encoder(batch["input_ids"])[0]
+
+    def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=condition).sample
 
     def pipeline(self, scheduler):
         from t2ilab.models.pipelines import build_sd_pipeline
 
         return build_sd_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+
+    def save_lora(self, folder, denoiser_layers, denoiser_config, text_layers, text_configs):
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=folder,
+            unet_lora_layers=denoiser_layers,
+            text_encoder_lora_layers=text_layers[0],
+            unet_lora_adapter_metadata=denoiser_config,
+            text_encoder_lora_adapter_metadata=text_configs[0],
+            safe_serialization=True,
+        )
+
+
+# The name before backbones had behaviour (tests and user scripts import it).
+StableDiffusionComponents = StableDiffusionBackbone
 
 
 def check_pretrained_reference(pretrained: str, revision: str | None = None) -> dict[str, Any]:
@@ -92,20 +114,23 @@ def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
 
 
 def model_family(model_cfg) -> str:
-    """sd (UNet + CLIP), pixart (PixArt transformer + T5) or dit (class-conditional DiT)."""
-    return plain(model_cfg).get("family", "sd")
+    """sd (UNet + CLIP), sdxl (UNet + two CLIPs), pixart (PixArt transformer + T5) or dit
+    (class-conditional DiT)."""
+    return family_of(plain(model_cfg)).name
 
 
-def load_components(model_cfg: DictConfig | dict, tokenizer=None):
-    """The backbone's components for any family; each has module_kwargs() and pipeline()."""
+def load_components(model_cfg: DictConfig | dict, tokenizer=None) -> Backbone:
+    """The model's backbone (t2ilab.models.backbone), whatever its family."""
     family = model_family(model_cfg)
-    if family == "sd":
-        return load_sd_components(model_cfg, tokenizer)
+    if family == "sdxl":
+        from t2ilab.models.sdxl import load_sdxl_components
+
+        return load_sdxl_components(model_cfg, tokenizer)
     if family == "pixart":
         return pixart_dit.load_pixart_components(model_cfg, tokenizer)
     if family == "dit":
         return pixart_dit.load_dit_components(model_cfg)
-    raise UserError(f"model.family={family} is not one of sd, pixart, dit")
+    return load_sd_components(model_cfg, tokenizer)
 
 
 def load_tokenizer(model_cfg: DictConfig | dict):
@@ -116,6 +141,10 @@ def load_tokenizer(model_cfg: DictConfig | dict):
         return pixart_dit.load_t5_tokenizer(model_cfg)
     if family == "dit":
         return None  # class-conditional: no text
+    if family == "sdxl":
+        from t2ilab.models.sdxl import load_sdxl_tokenizer
+
+        return load_sdxl_tokenizer(model_cfg)  # the first; the backbone loads the second
     if model_cfg.get("pretrained"):
         return CLIPTokenizer.from_pretrained(
             pretrained_source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")

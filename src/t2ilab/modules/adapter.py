@@ -1,11 +1,20 @@
-"""Adapters of the Xiang et al. 2023 design space on a frozen UNet (t2ilab.adapters)."""
+"""Adapters of the Xiang et al. 2023 design space on a frozen denoiser (t2ilab.adapters): the
+BasicTransformerBlocks of SD, SDXL and PixArt (and DiT's, without cross-attention), or a UNet's
+ResBlocks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from t2ilab.adapters import AdapterConfig, InvalidAdapterPair, attach_adapters, save_adapters
+from t2ilab.adapters import (
+    AdapterConfig,
+    InvalidAdapterPair,
+    attach_adapters,
+    missing_parts,
+    save_adapters,
+)
 from t2ilab.errors import SkipRun
+from t2ilab.models.families import Family
 from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 ADAPTERS_FILE = "adapters.safetensors"  # + adapters.json, beside it in the export
@@ -24,22 +33,30 @@ class AdapterModule(ParameterEfficientModule):
         except InvalidAdapterPair as err:
             raise SkipRun(str(err)) from None
 
+    @classmethod
+    def refusal(cls, family: Family, method_cfg) -> str | None:
+        reason = missing_parts(
+            str(method_cfg.input_position),
+            str(method_cfg.output_position),
+            has_cross_attention=family.cross_attention,
+            has_resblocks=family.resblocks,
+        )
+        if reason:
+            return reason
+        return super().refusal(family, method_cfg)
+
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        scheduler_config,
+        backbone,
         input_position: str = "CA_out",
         output_position: str = "FFN_in",
         rank: int | None = None,
         activation: str = "relu",
         scale: float = 1.0,
         block_filter: str | None = None,
-        **base_kwargs,
+        **kw,
     ):
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
+        super().__init__(backbone, **kw)
         config = AdapterConfig(
             input_position=input_position,
             output_position=output_position,
@@ -48,9 +65,9 @@ class AdapterModule(ParameterEfficientModule):
             scale=scale,
             block_filter=block_filter,
         )
-        # A submodule of this LightningModule (not of the UNet): it trains, checkpoints and
-        # moves with the module, while the UNet's own state dict stays the base model's.
-        self.adapters = attach_adapters(unet, config)
+        # A submodule of this LightningModule (not of the denoiser): it trains, checkpoints and
+        # moves with the module, while the denoiser's own state dict stays the base model's.
+        self.adapters = attach_adapters(self.denoiser, config)
         self.adapters.requires_grad_(True)
 
     def save_weights(self, folder: Path) -> None:

@@ -2,21 +2,27 @@
 
 Encode (or take) latents, sample noise and timesteps, noise the latents, build the target by
 prediction type, predict, and reduce the per-sample loss with optional Min-SNR weights and the
-prior-preservation split. A subclass says what is trainable and how conditioning is built.
+prior-preservation split. The backbone (t2ilab.models.backbone: the `model` axis) builds the
+condition and runs the denoiser; a method's subclass says what trains and what it exports.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from t2ilab.checkpoints import check_loaded_weights, stamp
+from t2ilab.models.backbone import Backbone
+from t2ilab.models.families import Family
 from t2ilab.modules.losses import per_sample_mse, prior_preservation_loss
 from t2ilab.modules.step_random import StepRandom, grouped
 from t2ilab.noise import (
@@ -31,8 +37,25 @@ from t2ilab.noise import (
 log = logging.getLogger(__name__)
 
 
+def constructor_parameters(cls: type) -> set[str]:
+    """The keyword names the class's constructors take, along its t2ilab base classes (each
+    passes the rest on with **kwargs)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or not klass.__module__.startswith("t2ilab."):
+            continue
+        names |= {
+            name
+            for name, p in inspect.signature(init).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"
+        }
+    return names
+
+
 class DiffusionModule(L.LightningModule):
-    """Base LightningModule. Subclasses implement `encode_condition` and `predict`.
+    """Base LightningModule of every method, over any backbone. The backbone's parts are
+    registered under their pipeline names (`unet` or `transformer`, `vae`, `text_encoder`, ...).
 
     `optimizer` and `lr_scheduler` are Hydra `_partial_` callables: optimizer(params=...),
     lr_scheduler(optimizer=...).
@@ -40,8 +63,7 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        vae: nn.Module,
-        scheduler_config: dict[str, Any],
+        backbone: Backbone,
         noise: NoiseConfig | dict | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
@@ -54,10 +76,14 @@ class DiffusionModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_backbone = compile
         self.noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
+        scheduler_config = backbone.scheduler_config
         self.noise_scheduler = build_noise_scheduler(scheduler_config, self.noise)
         self.base_scheduler_config = dict(scheduler_config)
-        self.vae = vae
-        self.vae.requires_grad_(False).eval()
+        for name, part in backbone.modules().items():
+            setattr(self, name, part.requires_grad_(False))  # a method unfreezes what it trains
+        backbone.bind(self)
+        self.backbone = backbone
+        self.vae.eval()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.prior_loss_weight = prior_loss_weight
@@ -75,13 +101,32 @@ class DiffusionModule(L.LightningModule):
         self.run_record: dict[str, Any] = {}
 
     artefact = "pipeline"  # what save_artefact writes (recorded in the export's t2ilab.json)
-    # The model families (model.family) whose parts this module trains; t2ilab.compat refuses
-    # any other pairing before weights load.
-    backbone_families: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, method_cfg, backbone: Backbone, **extra) -> DiffusionModule:
+        """The method's module from its config: `method.module` (the class, optimizer and LR
+        schedule) plus every method key the constructor names, handed over by name, so each
+        key is written once in conf/method."""
+        names = constructor_parameters(hydra.utils.get_class(method_cfg.module._target_))
+        given = set(method_cfg.module) | set(extra) | {"backbone"}
+        kwargs = {
+            key: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            for key, value in method_cfg.items()
+            if key in names and key not in given
+        }
+        return hydra.utils.instantiate(method_cfg.module, backbone=backbone, **kwargs, **extra)
 
     @classmethod
     def check_method(cls, method_cfg) -> None:
         """Cheap checks of the method's config, before any weights load."""
+
+    @classmethod
+    def refusal(cls, family: Family, method_cfg) -> str | None:
+        """Why this method cannot run on a backbone of `family` (one line), or None when it can.
+        Read from the family's description alone, before any weights load (t2ilab.compat)."""
+        if method_cfg.get("train_text_encoder") and not family.text:
+            return f"method.train_text_encoder=true needs a text encoder; {family.description} has none"
+        return None
 
     @classmethod
     def text_encoder_frozen(cls, method_cfg) -> bool:
@@ -94,28 +139,38 @@ class DiffusionModule(L.LightningModule):
         return a prompt rewrite to use them, or None."""
         return None
 
-    # --- what subclasses provide -------------------------------------------------------------
+    # --- what the backbone provides ---------------------------------------------------------
 
     @property
-    def backbone(self) -> nn.Module:
-        """The denoiser (UNet or transformer): what parameter shares are reported against."""
-        raise NotImplementedError
+    def denoiser(self) -> nn.Module:
+        """The UNet or transformer: what parameter shares are reported against."""
+        return self.backbone.denoiser
 
-    def pipeline(self, scheduler):
-        """A diffusers pipeline over the module's current weights, sampling with `scheduler`."""
-        raise NotImplementedError
+    @property
+    def tokenizer(self):
+        """The (first) tokenizer; None for a class-conditional backbone."""
+        return getattr(self.backbone, "tokenizer", None)
 
-    def save_artefact(self, folder, scheduler) -> None:
-        """The trained model in its standard format (by default the whole pipeline folder)."""
-        self.pipeline(scheduler).save_pretrained(folder, safe_serialization=True)
+    def text_trains(self) -> bool:
+        return any(p.requires_grad for e in self.backbone.text_encoders for p in e.parameters())
 
     def encode_condition(self, batch: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        # Gradients reach the text encoders only when some of them trains (fine-tuning, LoRA on
+        # the text encoder, textual inversion's embedding rows).
+        return self.backbone.encode_condition(batch, text_grad=self.text_trains())
 
     def predict(
         self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: Any
     ) -> torch.Tensor:
-        raise NotImplementedError
+        return self.backbone.predict(noisy_latents, timesteps, condition)
+
+    def pipeline(self, scheduler):
+        """A diffusers pipeline over the module's current weights, sampling with `scheduler`."""
+        return self.backbone.pipeline(scheduler)
+
+    def save_artefact(self, folder, scheduler) -> None:
+        """The trained model in its standard format (by default the whole pipeline folder)."""
+        self.backbone.save_pipeline(folder, scheduler)
 
     # --- the shared step ---------------------------------------------------------------------
 
@@ -195,9 +250,22 @@ class DiffusionModule(L.LightningModule):
 
     # --- what sampling, evaluation and export see ----------------------------------------------
 
+    def trained_parts(self) -> set[str]:
+        """The backbone parts in train mode while training: those with a trained parameter."""
+        return {
+            name
+            for name, part in self.backbone.modules().items()
+            if any(p.requires_grad for p in part.parameters())
+        }
+
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vae.eval()  # frozen: subclasses keep their other frozen parts in eval mode too
+        # Frozen parts (the VAE, a frozen text encoder or denoiser) stay in eval mode: no dropout.
+        if mode:
+            trained = self.trained_parts()
+            for name in self.backbone.modules():
+                if name not in trained:
+                    getattr(self, name).eval()
         return self
 
     def on_train_start(self) -> None:
@@ -205,9 +273,9 @@ class DiffusionModule(L.LightningModule):
         # train() puts what is trained in train mode (dropout, the DiT's label dropout that
         # trains its null class for guidance) and keeps the frozen parts in eval mode.
         self.train()
-        encoder = getattr(self, "text_encoder", None)
-        if self.offload_text_encoder and encoder is not None and self.device.type != "cpu":
-            encoder.to("cpu")  # prompt states come from the cache: free its device memory
+        if self.offload_text_encoder and self.device.type != "cpu":
+            for encoder in self.backbone.text_encoders:
+                encoder.to("cpu")  # prompt states come from the cache: free its device memory
             torch.cuda.empty_cache()
 
     @contextmanager
@@ -217,11 +285,11 @@ class DiffusionModule(L.LightningModule):
         with ExitStack() as stack:
             if self.ema_callback is not None and self.ema_callback.ema is not None:
                 stack.enter_context(self.ema_callback.swapped_in(self))
-            encoder = getattr(self, "text_encoder", None)
-            on_cpu = encoder is not None and next(encoder.parameters()).device.type == "cpu"
-            if self.offload_text_encoder and on_cpu and self.device.type != "cpu":
-                encoder.to(self.device)
-                stack.callback(encoder.to, "cpu")
+            for encoder in self.backbone.text_encoders:
+                on_cpu = next(encoder.parameters()).device.type == "cpu"
+                if self.offload_text_encoder and on_cpu and self.device.type != "cpu":
+                    encoder.to(self.device)
+                    stack.callback(encoder.to, "cpu")
             yield
 
     # --- optimisation and checkpoints ---------------------------------------------------------
@@ -229,10 +297,10 @@ class DiffusionModule(L.LightningModule):
     def configure_model(self) -> None:
         """Memory and speed options on the denoiser, applied once before training starts."""
         if self.gradient_checkpointing and not getattr(self, "_checkpointing_on", False):
-            self.backbone.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             self._checkpointing_on = True
         if self.compile_backbone and not getattr(self, "_compiled", False):
-            self.backbone.compile()  # in place: parameter names (and checkpoints) are unchanged
+            self.denoiser.compile()  # in place: parameter names (and checkpoints) are unchanged
             self._compiled = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:

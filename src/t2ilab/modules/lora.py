@@ -1,82 +1,90 @@
-"""LoRA (Hu et al. 2021) through peft on the UNet's attention projections, optionally on the text
-encoder, saved in diffusers' format (pytorch_lora_weights.safetensors) that stock
-`pipe.load_lora_weights(export)` loads."""
+"""LoRA (Hu et al. 2021) through peft on the denoiser's attention projections, optionally on the
+text encoders, saved in the backbone's standard format: diffusers' pytorch_lora_weights
+.safetensors for SD and SDXL (stock `pipe.load_lora_weights(export)`), peft's adapter folder for
+PixArt and DiT, whose pipelines have no LoRA loader (`PeftModel.from_pretrained`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
+from t2ilab.models.families import Family
 from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 
+def add_lora(model, config: LoraConfig) -> None:
+    """The adapter as diffusers' `add_adapter` adds it, also on models without that method."""
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+        return
+    inject_adapter_in_model(config, model, adapter_name="default")
+    model.peft_config = {"default": config}
+
+
 class LoRAModule(ParameterEfficientModule):
-    """Only the LoRA matrices train; the base UNet and text encoder stay frozen."""
+    """Only the LoRA matrices train; the base denoiser and text encoders stay frozen."""
 
     artefact = "lora"
 
+    @classmethod
+    def refusal(cls, family: Family, method_cfg) -> str | None:
+        if method_cfg.get("train_text_encoder") and family.text and not family.text_lora:
+            return (
+                f"LoRA on the text encoder: {family.description} has no stock loader for it; "
+                "set method.train_text_encoder=false (LoRA on the transformer)"
+            )
+        return super().refusal(family, method_cfg)
+
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        scheduler_config,
+        backbone,
         rank: int = 4,
         alpha: float | None = None,
         dropout: float = 0.0,
-        target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+        target_modules: tuple[str, ...] | None = None,
         train_text_encoder: bool = False,
-        text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj"),
-        **base_kwargs,
+        text_encoder_target_modules: tuple[str, ...] | None = None,
+        **kw,
     ):
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
+        super().__init__(backbone, **kw)
         self.lora_train_text_encoder = train_text_encoder
-        # alpha = rank gives scale 1, diffusers' examples' default.
-        unet.add_adapter(
-            LoraConfig(
+
+        def config(targets) -> LoraConfig:
+            # alpha = rank gives scale 1, diffusers' examples' default.
+            return LoraConfig(
                 r=rank,
                 lora_alpha=alpha or rank,
                 lora_dropout=dropout,
                 init_lora_weights="gaussian",
-                target_modules=list(target_modules),
-            )
-        )
-        if train_text_encoder:
-            text_encoder.add_adapter(
-                LoraConfig(
-                    r=rank,
-                    lora_alpha=alpha or rank,
-                    lora_dropout=dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(text_encoder_target_modules),
-                )
+                target_modules=list(targets),
             )
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # The frozen base modules stay in eval mode; LoRA dropout needs train mode.
-        self.unet.train(mode)
-        if self.lora_train_text_encoder:
-            self.text_encoder.train(mode)
-        return self
+        add_lora(self.denoiser, config(target_modules or backbone.lora_target_modules))
+        if train_text_encoder:
+            targets = text_encoder_target_modules or backbone.text_lora_target_modules
+            for encoder in backbone.text_encoders:
+                add_lora(encoder, config(targets))
 
     def save_weights(self, folder: Path) -> None:
-        text_layers, text_metadata = None, None
-        if self.lora_train_text_encoder:
-            text_layers = convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(self.text_encoder)
+        text_layers, text_configs = [], []
+        for encoder in self.backbone.text_encoders:
+            trained = self.lora_train_text_encoder
+            text_layers.append(
+                convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+                if trained
+                else None
             )
-            text_metadata = self.text_encoder.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=folder,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet)),
-            text_encoder_lora_layers=text_layers,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=text_metadata,
-            safe_serialization=True,
+            text_configs.append(encoder.peft_config["default"].to_dict() if trained else None)
+        layers = get_peft_model_state_dict(self.denoiser)
+        if self.backbone.family in ("sd", "sdxl"):
+            layers = convert_state_dict_to_diffusers(layers)
+        self.backbone.save_lora(
+            folder,
+            layers,
+            self.denoiser.peft_config["default"].to_dict(),
+            text_layers,
+            text_configs,
         )

@@ -16,6 +16,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from safetensors.torch import save_file
 
 from t2ilab.errors import UserError
+from t2ilab.models.families import Family
 from t2ilab.modules.parameter_efficient import ParameterEfficientModule
 
 
@@ -37,8 +38,28 @@ def initializer_ids(tokenizer, word: str | None) -> list[int]:
     return ids
 
 
+def embeddings_file(index: int) -> str:
+    """learned_embeds.safetensors for the first text encoder, learned_embeds_2.safetensors for
+    SDXL's second, as diffusers' SDXL textual-inversion example names them."""
+    return "learned_embeds.safetensors" if index == 0 else f"learned_embeds_{index + 1}.safetensors"
+
+
 class TextualInversionModule(ParameterEfficientModule):
     artefact = "textual_inversion"
+
+    @classmethod
+    def refusal(cls, family: Family, method_cfg) -> str | None:
+        if not family.text:
+            return (
+                f"textual inversion learns a word; {family.description} has no text: use "
+                "method=full or method=lora"
+            )
+        if not family.textual_inversion:
+            return (
+                f"textual inversion: {family.description} has no stock loader for learned "
+                "embeddings; use method=lora or method=adapter"
+            )
+        return super().refusal(family, method_cfg)
 
     @classmethod
     def text_encoder_frozen(cls, method_cfg) -> bool:
@@ -50,63 +71,80 @@ class TextualInversionModule(ParameterEfficientModule):
         if n < 1:
             raise UserError(f"method.num_vectors={n} must be >= 1")
         initializer_ids(tokenizer, method_cfg.initializer_token)
-        tokens = placeholder_tokens(placeholder, n)
-        # A placeholder that is already one token (a real word like "dog") would hijack it.
-        existing = len(tokenizer.encode(placeholder, add_special_tokens=False)) == 1
-        if existing or tokenizer.add_tokens(tokens) != n:
-            raise UserError(
-                f"method.placeholder_token={placeholder!r} is already in the vocabulary: pick a new "
-                "string such as <my-dog>"
-            )
+        add_placeholder(tokenizer, placeholder, n)
         return lambda prompt: TextualInversionLoaderMixin()._maybe_convert_prompt(prompt, tokenizer)
 
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        scheduler_config,
+        backbone,
         placeholder_token: str,
         initializer_token: str,
         num_vectors: int = 1,
-        **base_kwargs,
+        **kw,
     ):
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, **base_kwargs)
+        super().__init__(backbone, **kw)
         self.placeholder_token = placeholder_token
         tokens = placeholder_tokens(placeholder_token, num_vectors)
-        self.placeholder_ids = tokenizer.convert_tokens_to_ids(tokens)
-        if any(i == tokenizer.unk_token_id for i in self.placeholder_ids):
+        first = backbone.tokenizers[0]
+        self.placeholder_ids = first.convert_tokens_to_ids(tokens)
+        if any(i == first.unk_token_id for i in self.placeholder_ids):
             raise RuntimeError("prepare_tokenizer must add the placeholder tokens first")
-        # The new rows are set from the initializer below: no need for transformers' mean resizing.
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embeddings = text_encoder.get_input_embeddings().weight
-        init_ids = initializer_ids(tokenizer, initializer_token)
-        with torch.no_grad():
-            embeddings[self.placeholder_ids] = embeddings[init_ids].mean(dim=0)
-        embeddings.requires_grad_(True)
-        keep = torch.ones(embeddings.shape[0], dtype=torch.bool)
+        for index, (encoder, tokenizer) in enumerate(
+            zip(backbone.text_encoders, backbone.tokenizers, strict=True)
+        ):
+            if index:  # SDXL's second tokenizer: the same new tokens, at the same ids
+                add_placeholder(tokenizer, placeholder_token, num_vectors)
+                if tokenizer.convert_tokens_to_ids(tokens) != self.placeholder_ids:
+                    raise RuntimeError("the text encoders' tokenizers gave the tokens other ids")
+            # The new rows are set from the initializer below: no mean resizing needed.
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            embeddings = encoder.get_input_embeddings().weight
+            init_ids = initializer_ids(tokenizer, initializer_token)
+            with torch.no_grad():
+                embeddings[self.placeholder_ids] = embeddings[init_ids].mean(dim=0)
+            embeddings.requires_grad_(True)
+            self.register_buffer(
+                f"original_embeddings_{index}", embeddings.detach().clone(), persistent=False
+            )
+        keep = torch.ones(len(first), dtype=torch.bool)
         keep[self.placeholder_ids] = False
         self.register_buffer("frozen_rows", keep, persistent=False)
-        self.register_buffer("original_embeddings", embeddings.detach().clone(), persistent=False)
+
+    def trained_parts(self) -> set[str]:
+        return set()  # only embedding rows train: the text encoders stay in eval mode
 
     def trained_parameter_count(self) -> int:
-        return len(self.placeholder_ids) * self.text_encoder.get_input_embeddings().weight.shape[1]
+        return len(self.placeholder_ids) * sum(
+            e.get_input_embeddings().weight.shape[1] for e in self.backbone.text_encoders
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Undo every change outside the placeholder rows (weight decay touches all rows).
         with torch.no_grad():
-            weight = self.text_encoder.get_input_embeddings().weight
-            weight[self.frozen_rows] = self.original_embeddings[self.frozen_rows]
+            for index, encoder in enumerate(self.backbone.text_encoders):
+                weight = encoder.get_input_embeddings().weight
+                original = getattr(self, f"original_embeddings_{index}")
+                weight[self.frozen_rows] = original[self.frozen_rows]
 
-    def learned_embeddings(self) -> torch.Tensor:
-        return (
-            self.text_encoder.get_input_embeddings().weight[self.placeholder_ids].detach().clone()
-        )
+    def learned_embeddings(self, index: int = 0) -> torch.Tensor:
+        weight = self.backbone.text_encoders[index].get_input_embeddings().weight
+        return weight[self.placeholder_ids].detach().clone()
 
     def save_weights(self, folder: Path) -> None:
-        folder = Path(folder)
-        save_file(
-            {self.placeholder_token: self.learned_embeddings().float().cpu().contiguous()},
-            folder / "learned_embeds.safetensors",
+        for index in range(len(self.backbone.text_encoders)):
+            save_file(
+                {self.placeholder_token: self.learned_embeddings(index).float().cpu().contiguous()},
+                Path(folder) / embeddings_file(index),
+            )
+
+
+def add_placeholder(tokenizer, placeholder: str, n: int) -> None:
+    """Add the placeholder's tokens; a string that is already a token (a real word like "dog")
+    would hijack it, so it is refused."""
+    tokens = placeholder_tokens(placeholder, n)
+    existing = len(tokenizer.encode(placeholder, add_special_tokens=False)) == 1
+    if existing or tokenizer.add_tokens(tokens) != n:
+        raise UserError(
+            f"method.placeholder_token={placeholder!r} is already in the vocabulary: pick a new "
+            "string such as <my-dog>"
         )
