@@ -28,8 +28,7 @@ def _datamodule(components, cache: bool, text_frozen: bool = True, random_flip: 
         resolution=64,
         random_flip=random_flip,
         batch_size=2,
-        cache_latents=cache,
-        cache_text=cache,
+        cache={"latents": cache, "text": cache},
     )
     dm.check()
     dm.bind(components.tokenizer)

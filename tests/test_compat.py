@@ -40,8 +40,12 @@ def nothing_loads(monkeypatch):
             "textual inversion learns a word; a class-conditional DiT (no text) has no text",
         ),
         (
-            ["experiment=adapter_dreambooth", "model=tiny_pixart", "method.input_position=Res_in",
-             "method.output_position=Res_out"],
+            [
+                "experiment=adapter_dreambooth",
+                "model=tiny_pixart",
+                "method.input_position=Res_in",
+                "method.output_position=Res_out",
+            ],
             "ResBlock",
         ),
         (
@@ -73,8 +77,15 @@ def test_a_pairing_that_cannot_work_is_one_line(make_cfg, nothing_loads, overrid
 
 
 def test_methods_for_a_family_follow_its_parts():
-    assert methods_for("sd") == ["adapter", "dit", "dreambooth", "full", "lora", "pixart",
-                                 "textual_inversion"]
+    assert methods_for("sd") == [
+        "adapter",
+        "dit",
+        "dreambooth",
+        "full",
+        "lora",
+        "pixart",
+        "textual_inversion",
+    ]
     # No stock loader for learned embeddings on PixArt; DiT has no text and no cross-attention.
     assert "textual_inversion" not in methods_for("pixart")
     assert "lora" in methods_for("pixart") and "adapter" in methods_for("pixart")

@@ -71,8 +71,9 @@ def test_cell_runs_or_is_refused_in_one_line(method, model, make_cfg, monkeypatc
         prompt = "a {identifier} {class_noun}".format(**module.prompt_vars)
     else:
         prompt = 1
-    sampler = make_sampler("DDIMScheduler", inference_scheduler_config(module.noise_scheduler,
-                                                                      module.noise))
+    sampler = make_sampler(
+        "DDIMScheduler", inference_scheduler_config(module.noise_scheduler, module.noise)
+    )
     with torch.no_grad():
         expected = sample(module.pipeline(sampler), prompt)
         got = sample(reloaded, prompt)

@@ -312,9 +312,9 @@ def test_bucketed_cache_batches_by_latent_shape(tmp_path, vae, t5):
 
 
 def test_the_cache_location_and_default_have_one_answer(tmp_path, monkeypatch):
-    """The config's defaults are the code's, and an unset cache_dir is the user's cache folder
-    (never the data folder)."""
-    import inspect
+    """The config's defaults are the code's, and an unset data.cache.dir is the user's cache
+    folder (never the data folder)."""
+    from dataclasses import asdict
 
     from omegaconf import OmegaConf
 
@@ -322,9 +322,10 @@ def test_the_cache_location_and_default_have_one_answer(tmp_path, monkeypatch):
     from t2ilab.data.pixart_captions import PixArtCaptionDataModule
 
     yaml = OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / "pixart_captions.yaml")
-    code = inspect.signature(PixArtCaptionDataModule).parameters
-    assert yaml.cache is code["cache"].default is True
-    assert yaml.cache_dir is code["cache_dir"].default is None
+    code = asdict(PixArtCaptionDataModule.CACHE)
+    assert (
+        OmegaConf.to_container(yaml.cache) == code == {"latents": True, "text": True, "dir": None}
+    )
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_root() == tmp_path / "xdg" / "t2ilab" / "features"
     monkeypatch.delenv("XDG_CACHE_HOME")

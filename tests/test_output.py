@@ -135,9 +135,7 @@ def adamw(params):
 
 def test_summary_shows_the_modes_the_training_steps_run_in(components, tmp_path, monkeypatch):
     c = copy.deepcopy(components)
-    module = DreamBoothModule(
-        c, optimizer=adamw
-    )
+    module = DreamBoothModule(c, optimizer=adamw)
     trainable, in_train_mode, in_step = summary_of_one_step(
         module, one_batch(c.tokenizer, "a sks toy"), tmp_path, monkeypatch
     )
@@ -149,9 +147,7 @@ def test_summary_counts_what_textual_inversion_trains(components, tmp_path, monk
     c = copy.deepcopy(components)
     method = {"placeholder_token": "<toy-x>", "initializer_token": "toy", "num_vectors": 2}
     transform = TextualInversionModule.prepare_tokenizer(c.tokenizer, OmegaConf.create(method))
-    module = TextualInversionModule(
-        c, **method, optimizer=adamw
-    )
+    module = TextualInversionModule(c, **method, optimizer=adamw)
     batch = one_batch(c.tokenizer, transform("a photo of <toy-x>"))
     trainable, _, _ = summary_of_one_step(module, batch, tmp_path, monkeypatch)
     width = c.text_encoder.get_input_embeddings().weight.shape[1]

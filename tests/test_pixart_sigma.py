@@ -164,7 +164,7 @@ def test_the_512_assembly_command_in_the_config_makes_a_loadable_folder(
 
 
 def test_stage2_alpha_export_initialises_a_sigma_stage3(tmp_path):
-    from t2ilab.train import init_from_previous_stage
+    from t2ilab.models.stages import init_from_previous_stage
 
     stage2 = model_cfg("tiny_pixart")
     stage2.tiny.seed = 1  # weights unlike the new Sigma model's (same widths, seed 0)

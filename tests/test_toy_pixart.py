@@ -16,6 +16,7 @@ import pytest
 import torch
 from _support import ROOT
 from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+from omegaconf import OmegaConf
 from PIL import Image
 from transformers import ByT5Tokenizer, CLIPTextModel, CLIPTokenizer
 
@@ -25,6 +26,7 @@ from t2ilab.data.toy_world import ToyWorldClassDataModule
 from t2ilab.errors import UserError
 from t2ilab.models.pipelines import pipeline_call_kwargs
 from t2ilab.models.pixart_dit import tokenizer_attention_mask
+from t2ilab.models.stages import resolution_change
 from t2ilab.toy import quality
 
 TOY = ROOT / "models" / "toy"
@@ -172,9 +174,9 @@ def test_resolution_change_keeps_the_function_at_the_new_size(stages):
     """Stage 3 starts as exactly what stage 2's model computes on 128 px latents."""
     source = stages / "stage2" / "export"
     before = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer")
-    cfg = train_module.OmegaConf.create({"model": {"resolution": 128}})
+    cfg = OmegaConf.create({"model": {"resolution": 128}})
     vae_config = type("Vae", (), {"config": type("C", (), {"block_out_channels": [1, 1, 1]})})
-    overrides = train_module.resolution_change(cfg, source, vae_config)
+    overrides = resolution_change(cfg, source, vae_config)
     assert overrides == {"sample_size": 32, "interpolation_scale": 2.0}
     after = PixArtTransformer2DModel.from_pretrained(source, subfolder="transformer", **overrides)
     torch.manual_seed(0)

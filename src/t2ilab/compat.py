@@ -103,6 +103,26 @@ def check_method_fits_model(cfg: DictConfig, module_class) -> None:
         raise UserError(f"method={method} on model={cfg.model.name}: {reason}")
 
 
+def check_data_fits_model(cfg: DictConfig, datamodule) -> None:
+    """What only the data knows (its classes) against the model, before weights load; and
+    model.init_from, which only PixArt's stages take."""
+    from t2ilab.models.stages import init_from_source
+
+    family = family_of(cfg.model)
+    if init_from_source(cfg) is not None and family.name != "pixart":
+        raise UserError(
+            f"model.init_from is for PixArt stages; model {cfg.model.name} is {family.description}"
+        )
+    classes = datamodule.classes
+    if family.name == "dit" and classes is not None and not cfg.model.pretrained:
+        limit = int(cfg.model.tiny.transformer.num_embeds_ada_norm)
+        if len(classes) > limit:
+            raise UserError(
+                f"{len(classes)} classes in data.train_dir but the DiT has {limit} class "
+                f"embeddings: set model.tiny.transformer.num_embeds_ada_norm={len(classes)}"
+            )
+
+
 def matrix_data(model: str) -> str:
     """The data a matrix cell trains on: the subject with prompts, or class labels."""
     model_cfg = OmegaConf.load(conf_dir() / "model" / f"{model}.yaml")

@@ -109,6 +109,8 @@ def apply_model(cfg: DictConfig, export: Path, metadata: dict[str, Any], given: 
         if model:
             cfg.model.name = model["name"]
             cfg.model.family = model.get("family", "sd")
+            # Exports before model.toy_world recorded only the name (toy models: toy_*).
+            cfg.model.toy_world = model.get("toy_world", str(model["name"]).startswith("toy"))
         if resolution and "model.resolution" not in given:
             cfg.model.resolution = resolution
 
@@ -153,7 +155,7 @@ def check_something_to_evaluate(cfg: DictConfig, export: Path | None, given: set
     dreambooth = bool(cfg.eval.get("enabled", False))
     alignment = bool((cfg.eval.get("toy_alignment") or {}).get("enabled", False))
     what = f"{export}" if export is not None else f"model {cfg.model.name}"
-    toy = str(cfg.model.name).startswith("toy")
+    toy = bool(cfg.model.get("toy_world", False))
     if is_class_conditional(cfg, export) and (dreambooth or not alignment):
         use = (
             "use eval=toy_alignment (its shape accuracy)"

@@ -220,6 +220,10 @@ def _close_keys(conf_dir, config_dir, name: str, overrides: list[str], key: str)
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
         return None
+    # A flat key that became a nested one: data.cache_latents -> data.cache.latents.
+    head, _, tail = leaf.partition("_")
+    if tail and isinstance(node.get(head), DictConfig) and tail in node[head]:
+        return f"{parent}.{head}.{tail}" if parent else f"{head}.{tail}"
     close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
     return f"{parent}.{close[0]}" if close and parent else (close[0] if close else None)
 

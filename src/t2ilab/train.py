@@ -5,7 +5,6 @@ Kept free of method logic: what is trained lives in t2ilab.modules, data in t2il
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ import t2ilab.quiet  # noqa: F401  (first of t2ilab's: silences known third-part
 from t2ilab.callbacks.ema import EMACallback
 from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
 from t2ilab.checkpoints import AtomicCheckpointIO, inspect_checkpoint
-from t2ilab.compat import check_method_fits_model
+from t2ilab.compat import check_data_fits_model, check_method_fits_model
 from t2ilab.data.class_images import generate_class_images
 from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
@@ -33,6 +32,7 @@ from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.export import export_metadata, export_pipeline
 from t2ilab.models.loading import load_components, load_tokenizer
 from t2ilab.models.pipelines import make_sampler
+from t2ilab.models.stages import init_from_previous_stage
 from t2ilab.noise import NoiseConfig
 from t2ilab.preflight import preflight
 from t2ilab.resume import ApplyResumedSettings, settings_changes, settings_of
@@ -103,38 +103,6 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
     return class_dir
 
 
-def init_from_source(cfg: DictConfig) -> Path | None:
-    """model.init_from: a previous stage's run dir or export (its transformer/ folder)."""
-    init = cfg.model.get("init_from")
-    if not init:
-        return None
-    path = Path(init).expanduser()
-    if (path / "export" / "transformer").is_dir():
-        path = path / "export"
-    if not (path / "transformer" / "config.json").is_file():
-        raise UserError(
-            f"model.init_from={init} holds no transformer/: pass the previous stage's run dir "
-            "or its export/ (a DiTPipeline or PixArt-alpha/Sigma pipeline folder)"
-        )
-    return path
-
-
-def check_model_inputs(cfg: DictConfig, datamodule) -> None:
-    """Model/data combinations that cannot work, before any weights load."""
-    source = init_from_source(cfg)
-    family = cfg.model.get("family", "sd")
-    if source is not None and family != "pixart":
-        raise UserError(f"model.init_from is for PixArt stages; model {cfg.model.name} is {family}")
-    if family == "dit" and hasattr(datamodule, "classes") and not cfg.model.pretrained:
-        limit = int(cfg.model.tiny.transformer.num_embeds_ada_norm)
-        if len(datamodule.classes) > limit:
-            raise UserError(
-                f"{len(datamodule.classes)} classes in data.train_dir but the DiT has "
-                f"{limit} class embeddings: set model.tiny.transformer.num_embeds_ada_norm="
-                f"{len(datamodule.classes)}"
-            )
-
-
 def export_dir(cfg: DictConfig) -> Path:
     """export.dir, or <run dir>/export."""
     folder = cfg.export.get("dir")
@@ -160,8 +128,9 @@ def check_outputs_apart_from_data(cfg: DictConfig) -> None:
     check_apart_from_data("the run folder", Path(cfg.paths.output_dir), data)
     if cfg.export.get("dir"):
         check_apart_from_data("export.dir", Path(cfg.export.dir), data, "the export")
-    if cfg.data.get("cache_dir"):
-        check_apart_from_data("data.cache_dir", Path(cfg.data.cache_dir), data, "feature caches")
+    cache_dir = OmegaConf.select(cfg, "data.cache.dir", default=None)
+    if cache_dir:
+        check_apart_from_data("data.cache.dir", Path(cache_dir), data, "feature caches")
     subject = {k: v for k, v in data.items() if k in ("data.instance_dir", "data.train_dir")}
     if cfg.data.get("class_dir"):
         check_apart_from_data("data.class_dir", Path(cfg.data.class_dir), subject, "class images")
@@ -185,65 +154,12 @@ def check_ema(cfg: DictConfig) -> None:
         )
 
 
-def init_from_previous_stage(cfg: DictConfig, components) -> None:
-    """Stage hand-over: a PixArt transformer from the previous PixArt stage, or reparameterised
-    from a class-conditional DiT (PixArt-alpha sec. 2.3)."""
-    source = init_from_source(cfg)
-    if source is None:
-        return
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
-
-    from t2ilab.models.dit_to_pixart import convert_dit_to_pixart
-    from t2ilab.models.pixart_dit import is_dit_folder
-
-    config = components.transformer.config
-    if is_dit_folder(source):
-        dit = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer")
-        components.transformer = convert_dit_to_pixart(
-            dit,
-            cross_attention_dim=config.cross_attention_dim,
-            caption_channels=config.caption_channels,
-        )
-        log.info("init: PixArt transformer reparameterised from the DiT in %s", source)
-    else:
-        # Sigma's pipeline passes no size conditions: an alpha stage's transformer that used
-        # them (PixArt-XL-2-1024-MS) continues without, as Sigma's own transformers do.
-        sigma = {"use_additional_conditions": False} if getattr(components, "sigma", False) else {}
-        components.transformer = PixArtTransformer2DModel.from_pretrained(
-            source,
-            subfolder="transformer",
-            **resolution_change(cfg, source, components.vae),
-            **sigma,
-        )
-        log.info("init: PixArt transformer from %s", source)
-
-
-def resolution_change(cfg: DictConfig, source: Path, vae) -> dict[str, Any]:
-    """Config overrides for a stage that trains at a new resolution (PixArt's stage 3): the new
-    latent size as sample_size, so the export renders at it by default, and interpolation_scale
-    scaled with it, so the position embeddings stay the ones the previous stage's model computes
-    at that size (PixArt-alpha 512 -> 1024: sample_size 64 -> 128, interpolation 1 -> 2)."""
-    config = json.loads((source / "transformer" / "config.json").read_text())
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    new_size, old_size = int(cfg.model.resolution) // factor, int(config["sample_size"])
-    if new_size == old_size:
-        return {}
-    scale = config.get("interpolation_scale") or max(old_size // 64, 1)
-    log.info(
-        "init: sample_size %d -> %d latents (resolution %s)",
-        old_size,
-        new_size,
-        cfg.model.resolution,
-    )
-    return {"sample_size": new_size, "interpolation_scale": scale * new_size / old_size}
-
-
 def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
     """The evaluation protocol for a subject-driven run; None when evaluation is off or the data
     has no subject (captioned fine-tuning)."""
-    if not cfg.eval.get("enabled") or not hasattr(datamodule, "subject"):
-        return None
     subject = datamodule.subject()
+    if not cfg.eval.get("enabled") or not subject:  # captioned or class data: no subject
+        return None
     protocol = DreamBoothProtocol(
         OmegaConf.to_container(cfg.eval, resolve=True),
         subject["instance_dir"],
@@ -286,7 +202,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
     check_resolution(cfg)
-    check_model_inputs(cfg, datamodule)
+    check_data_fits_model(cfg, datamodule)
     check_export_dir(cfg)
     resume = plan_resume(cfg)
 
@@ -304,43 +220,45 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg, components, datamodule.class_prompt, datamodule.class_dir
         )
 
-    if hasattr(datamodule, "prepare_features"):  # caches need the loaded encoders
-        device = generation_device(cfg, local_rank())
-        encoders = [components.vae, *components.text_encoders]
-        for encoder in encoders:  # encode on the GPU when there is one, then give it back
-            encoder.to(device)
-        datamodule.prepare_features(
-            components,
-            model_key={
-                "model": cfg.model.name,
-                "pretrained": cfg.model.pretrained,
-                "revision": cfg.model.get("revision"),
-                "seed": cfg.model.get("tiny", {}).get("seed"),
-            },
-            vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
-            patch_size=int(cfg.model.get("patch_size", 1)),
-            # DreamBooth's text cache holds CLIP states (SD); PixArt's T5 states also need masks,
-            # which its own feature cache (data=pixart_captions) stores.
-            text_frozen=module_class.text_encoder_frozen(cfg.method)
-            and cfg.model.get("family", "sd") == "sd",
-        )
-        for encoder in encoders:
-            encoder.to("cpu")
+    # Caches need the loaded encoders: on the GPU, when there is one, only while they encode.
+    device = generation_device(cfg, local_rank())
+    caching = datamodule.cache.latents or datamodule.cache.text
+    encoders = [components.vae, *components.text_encoders] if caching else []
+    for encoder in encoders:
+        encoder.to(device)
+    datamodule.prepare_features(
+        components,
+        model_key={
+            "model": cfg.model.name,
+            "pretrained": cfg.model.pretrained,
+            "revision": cfg.model.get("revision"),
+            "seed": cfg.model.get("tiny", {}).get("seed"),
+        },
+        vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
+        patch_size=int(cfg.model.get("patch_size", 1)),
+        # DreamBooth's text cache holds CLIP states (SD); PixArt's T5 states also need masks,
+        # which its own feature cache (data=pixart_captions) stores.
+        text_frozen=module_class.text_encoder_frozen(cfg.method)
+        and cfg.model.get("family", "sd") == "sd",
+    )
+    for encoder in encoders:
+        encoder.to("cpu")
     module = module_class.from_config(
         cfg.method,
         components,
         noise=OmegaConf.to_container(cfg.noise, resolve=True),
         seed=int(cfg.seed),
     )
-    if hasattr(datamodule, "id2label"):  # class-conditional: the export names its classes
+    if datamodule.id2label is not None:  # class-conditional: the export names its classes
         module.backbone.id2label = datamodule.id2label
     module.prompt_vars = prompt_vars
     module.prompt_transform = prompt_transform
-    module.offload_text_encoder = bool(getattr(datamodule, "text_from_cache", False))
+    module.offload_text_encoder = datamodule.text_from_cache
     module.run_record = {"settings": settings_of(cfg), "resumes": resume.history}
 
     loggers = build_loggers(cfg)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    # The run's callbacks and those its evaluation preset brings (eval=toy_alignment).
+    callbacks = instantiate_dict(cfg.get("callbacks")) + instantiate_dict(cfg.eval.get("callbacks"))
     if resume.ckpt_path:
         callbacks.append(ApplyResumedSettings(resume.changes))
     if cfg.ema.enabled:
@@ -371,12 +289,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train_loss"] = float(trainer.callback_metrics["train/loss"])
     if evaluation is not None:
         metrics.update(evaluation.last_metrics)
-    metrics.update(evaluate_toy_alignment(cfg, module, trainer, loggers))
+    for callback in trainer.callbacks:  # e.g. eval=toy_alignment's score at the end
+        if callback is not evaluation:
+            metrics.update(getattr(callback, "last_metrics", None) or {})
     if trainer.is_global_zero and cfg.export.enabled:
         metadata = export_metadata(
             cfg,
             experiment=experiment_name(),
-            subject=datamodule.subject() if hasattr(datamodule, "subject") else {},
+            subject=datamodule.subject(),
             dreambooth_evaluated=protocol is not None,
         )
         keep_previous_export(cfg, resume)
@@ -439,26 +359,6 @@ def keep_previous_export(cfg: DictConfig, resume: ResumePlan) -> None:
         return  # an earlier attempt at this continuation kept it already
     os.replace(folder, kept)
     log.info("export: the previous export (step %d) stays in %s", resume.step, kept)
-
-
-def evaluate_toy_alignment(cfg: DictConfig, module, trainer, loggers) -> dict[str, float]:
-    """eval=toy_alignment: prompt following of a toy text-to-image model, scored once training
-    ends (on the EMA weights when EMA is on) and logged as eval/<metric>."""
-    alignment = cfg.eval.get("toy_alignment")
-    if not alignment or not alignment.get("enabled") or not trainer.is_global_zero:
-        return {}
-    from t2ilab.toy.alignment import evaluate_alignment
-
-    with module.for_inference():
-        metrics = evaluate_alignment(
-            module,
-            OmegaConf.to_container(alignment, resolve=True),
-            Path(cfg.paths.output_dir),
-            generation_device(cfg),
-        )
-    for lg in loggers:
-        lg.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-    return metrics
 
 
 def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ def check_eval_matches_model(cfg: DictConfig) -> None:
         return
     if evaluation.get("evaluators") == "tiny_random":  # scale/tiny_sd: pipeline checks only
         return
-    if not str(cfg.model.name).startswith("toy"):
+    if not cfg.model.get("toy_world", False):
         raise UserError(
             f"eval=toy scores with the toy world's CLIP and DINO, which cannot judge model "
             f"{cfg.model.name}: add eval=dreambooth (the paper's DINO and CLIP)"
@@ -41,7 +41,7 @@ def check_alignment_matches_model(cfg: DictConfig) -> None:
     """eval=toy_alignment reads toy-world colours and shapes from the pixels; a real model's
     images are not drawn in them."""
     alignment = (cfg.get("eval") or {}).get("toy_alignment") or {}
-    if alignment.get("enabled", False) and not str(cfg.model.name).startswith("toy"):
+    if alignment.get("enabled", False) and not cfg.model.get("toy_world", False):
         raise UserError(
             f"eval=toy_alignment reads the toy world's colours and shapes, which model "
             f"{cfg.model.name} does not draw: use eval=none, or a toy model (model=toy_pixart_init)"

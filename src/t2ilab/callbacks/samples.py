@@ -68,7 +68,7 @@ class SampleGridCallback(L.Callback):
         templates = self.prompts
         if templates is None:  # the data's own, e.g. the first training captions
             source = getattr(trainer, "datamodule", None)
-            templates = source.validation_prompts() if hasattr(source, "validation_prompts") else []
+            templates = source.validation_prompts() if source is not None else []
         return [p.format(**pl_module.prompt_vars) for p in templates]
 
     @rank_zero_only

@@ -25,10 +25,10 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from t2ilab.data.base import T2IDataModule
 from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.images import (
     IMAGE_EXTENSIONS,
@@ -299,7 +299,7 @@ def collate_captioned(examples: list[dict[str, torch.Tensor]]) -> dict[str, torc
     }
 
 
-class CaptionedDataModule(L.LightningDataModule):
+class CaptionedDataModule(T2IDataModule):
     """Captioned-folder fine-tuning data. Call `check()` before loading weights (it reads and
     validates the folder), `bind(tokenizer)` once the tokenizer exists, then hand it to Lightning.
     """
@@ -314,22 +314,22 @@ class CaptionedDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         caption_dropout: float = 0.0,
+        cache: dict | None = None,  # no caching: check() refuses data.cache.latents/text=true
         **_ignored,  # keys other data configs carry (e.g. class_dir), unused here
     ):
-        super().__init__()
+        super().__init__(cache, **_ignored)
         self.train_dir = train_dir
         self.caption_column = caption_column
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.caption_dropout = caption_dropout
-        self.tokenizer = None
-        self.prompt_transform = None
         self.items: list[tuple[Path, str]] | None = None
         self.seed = 0
 
     def check(self) -> None:
         """All validation that needs no model: folder, images, captions, settings."""
+        super().check()
         if not 0.0 <= float(self.caption_dropout) <= 1.0:
             raise UserError(
                 f"data.caption_dropout={self.caption_dropout} is not a probability: use 0.0 to 1.0"
@@ -344,8 +344,7 @@ class CaptionedDataModule(L.LightningDataModule):
         """Store the model's tokenizer; returns the prompt variables this data defines (none:
         captions are used verbatim, there is no identifier or class noun). `prompt_transform`
         rewrites captions before tokenizing (e.g. textual inversion's multi-vector tokens)."""
-        self.tokenizer = tokenizer
-        self.prompt_transform = prompt_transform
+        super().bind(tokenizer, seed, prompt_transform)
         self.seed = int(seed)  # keys the data order
         if self.items is None:
             self.check()
@@ -366,10 +365,6 @@ class CaptionedDataModule(L.LightningDataModule):
     def _training_items(self) -> list[tuple[Path, str]]:
         transform = self.prompt_transform or (lambda prompt: prompt)
         return [(path, transform(caption)) for path, caption in self.items]
-
-    @property
-    def class_prompt(self) -> str | None:
-        return None  # no prior preservation on captioned data
 
     def validation_prompts(self, n: int = 4) -> list[str]:
         """The first `n` training captions, so sample grids show what the model was taught.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from t2ilab.data.base import T2IDataModule
 from t2ilab.data.images import ImageTransform, check_image_folder, load_rgb
 from t2ilab.data.loader import draw_rng, resumable_loader
 from t2ilab.errors import UserError
@@ -75,7 +75,7 @@ def collate_classes(examples: list[dict[str, torch.Tensor]]) -> dict:
     }
 
 
-class ClassFolderDataModule(L.LightningDataModule):
+class ClassFolderDataModule(T2IDataModule):
     def __init__(
         self,
         train_dir: str,
@@ -84,9 +84,10 @@ class ClassFolderDataModule(L.LightningDataModule):
         random_flip: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
+        cache: dict | None = None,  # no caching: check() refuses data.cache.latents/text=true
         **_ignored,
     ):
-        super().__init__()
+        super().__init__(cache, **_ignored)
         self.train_dir = train_dir
         self.transform = ImageTransform(resolution, center_crop, random_flip)
         self.batch_size = batch_size
@@ -96,15 +97,12 @@ class ClassFolderDataModule(L.LightningDataModule):
         self.seed = 0
 
     def check(self) -> None:
+        super().check()
         self.items, self.classes = read_class_folder(self.train_dir, self.transform.resolution)
 
     def bind(self, tokenizer=None, seed: int = 0, prompt_transform=None) -> dict[str, str]:
         self.seed = int(seed)  # keys the data order
-        return {}
-
-    @property
-    def class_prompt(self) -> None:
-        return None  # no prior preservation
+        return super().bind(tokenizer, seed, prompt_transform)
 
     @property
     def id2label(self) -> dict[int, str]:

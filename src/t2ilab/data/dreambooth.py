@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from t2ilab.data.base import CacheSettings, T2IDataModule
 from t2ilab.data.identifier import (
     check_identifier_tokens,
     check_prompt_fits,
@@ -173,11 +173,15 @@ def collate_dreambooth(examples: list[dict]) -> dict[str, torch.Tensor | int]:
     return batch
 
 
-class DreamBoothDataModule(L.LightningDataModule):
+class DreamBoothDataModule(T2IDataModule):
     """Subject images plus, with prior preservation, class images generated before training.
 
     The orchestration calls `check()` (cheap, before any weights load), `bind(tokenizer, seed)`
-    (resolves the identifier and prompts), then fills `class_dir` up to `num_class_images`."""
+    (resolves the identifier and prompts), then fills `class_dir` up to `num_class_images`.
+    Caches live in memory (a few images and two prompts): data.cache.dir does not apply."""
+
+    CACHE = CacheSettings(latents=True, text=True)
+    CACHES = ("latents", "text")
 
     def __init__(
         self,
@@ -197,12 +201,9 @@ class DreamBoothDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         shuffle: bool = True,
-        cache_latents: bool = True,
-        cache_text: bool = True,
+        cache: dict | None = None,
     ):
-        super().__init__()
-        self.cache_latents = cache_latents
-        self.cache_text = cache_text
+        super().__init__(cache)
         self.image_features: dict[Path, dict[str, torch.Tensor]] | None = None
         self.text_features: dict[str, torch.Tensor] | None = None
         self.instance_dir = Path(instance_dir).expanduser() if instance_dir else None
@@ -222,13 +223,12 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle
-        self.tokenizer = None
-        self.prompt_transform = None
         self.prompts: DreamBoothPrompts | None = None
         self.seed = 0
 
     def check(self) -> None:
         """Everything the user gave, checked without loading a model."""
+        super().check()
         resolution = self.transform.resolution
         check_image_folder(self.instance_dir, "data.instance_dir", resolution)
         if self.num_class_images > 0 and self.class_dir is not None and self.class_dir.is_dir():
@@ -252,8 +252,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         """Resolve the prompts with the model's tokenizer; returns the prompt variables
         ({identifier}, {class_noun}) that sample and evaluation prompts are filled with.
         `prompt_transform` rewrites prompts before tokenizing (e.g. multi-vector placeholders)."""
-        self.tokenizer = tokenizer
-        self.prompt_transform = prompt_transform
+        super().bind(tokenizer, seed, prompt_transform)
         self.seed = int(seed)  # also keys the data order
         self.prompts = resolve_prompts(
             **self.prompt_config,
@@ -296,7 +295,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         gives the same loss for the same seed (tests/test_caching.py)."""
         from t2ilab.data.feature_cache import vae_image_encoder
 
-        if self.cache_latents and self.transform.is_deterministic:
+        if self.cache.latents and self.transform.is_deterministic:
             paths = list_images(self.instance_dir) + (self._class_images() or [])
             encode = vae_image_encoder(components.vae, self.transform)
             self.image_features = {}
@@ -308,7 +307,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                         "latent_mean": out["latent_mean"][i].cpu(),
                         "latent_std": out["latent_std"][i].cpu(),
                     }
-        if self.cache_text and text_frozen:
+        if self.cache.text and text_frozen:
             transform = self.prompt_transform or (lambda prompt: prompt)
             prompts = [transform(p) for p in (self.prompts.instance_prompt, self.class_prompt) if p]
             encoder = components.text_encoder.eval()

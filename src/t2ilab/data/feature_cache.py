@@ -93,7 +93,7 @@ def _gigabytes(n: float) -> str:
 
 
 def default_cache_root() -> Path:
-    """Where feature caches live unless data.cache_dir says otherwise: the user's cache folder
+    """Where feature caches live unless data.cache.dir says otherwise: the user's cache folder
     ($XDG_CACHE_HOME, else ~/.cache) under t2ilab/features, never the data folder."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "t2ilab" / "features"

@@ -7,12 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from t2ilab.data.base import CacheSettings, T2IDataModule
 from t2ilab.data.buckets import (
     AspectRatioBucketSampler,
     BucketedCaptionDataset,
@@ -30,6 +29,7 @@ from t2ilab.data.feature_cache import (
     vae_image_encoder,
 )
 from t2ilab.data.loader import draw_rng, resumable_loader
+from t2ilab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,49 +61,51 @@ def collate_cached(examples: list[dict[str, torch.Tensor]], vae_factor: int) -> 
     return batch
 
 
-class PixArtCaptionDataModule(L.LightningDataModule):
+class PixArtCaptionDataModule(T2IDataModule):
+    """Latents and T5 states are cached together on disk (one FeatureCache per model key)."""
+
+    CACHE = CacheSettings(latents=True, text=True)
+    CACHES = ("latents", "text", "dir")
+
     def __init__(
         self,
         train_dir: str,
         caption_column: str = "text",
         resolution: int = 512,
         multi_aspect: bool = False,
-        cache: bool = True,
-        cache_dir: str | None = None,
+        cache: dict | None = None,
         caption_dropout: float = 0.1,
         batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 0,
         **_ignored,
     ):
-        super().__init__()
+        super().__init__(cache, **_ignored)
         self.train_dir = train_dir
         self.caption_column = caption_column
         self.resolution = resolution
         self.multi_aspect = multi_aspect
-        self.cache = cache
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.caption_dropout = caption_dropout
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.items = []
-        self.tokenizer = None
         self.divisor = 16  # VAE factor x patch size; set by bind_model
         self.vae_factor = 8
         self.dataset: Dataset | None = None
 
     def check(self) -> None:
+        super().check()
+        if self.cache.latents != self.cache.text:
+            raise UserError(
+                f"data.cache.latents={str(self.cache.latents).lower()} but data.cache.text="
+                f"{str(self.cache.text).lower()}: PixArt's feature cache holds both or neither: "
+                "set both to the same value"
+            )
         self.items = read_captioned_folder(self.train_dir, self.caption_column, self.resolution)
 
     def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
-        self.tokenizer = tokenizer
-        self.prompt_transform = prompt_transform or (lambda caption: caption)
-        return {}
-
-    @property
-    def class_prompt(self) -> None:
-        return None
+        return super().bind(tokenizer, seed, prompt_transform or (lambda caption: caption))
 
     def validation_prompts(self, n: int = 4) -> list[str]:
         # Captions are sample-prompt templates: escape braces so .format leaves them as written.
@@ -127,14 +129,14 @@ class PixArtCaptionDataModule(L.LightningDataModule):
     @property
     def text_from_cache(self) -> bool:
         """Whether training reads every T5 state from the feature cache (no T5 needed)."""
-        return self.cache
+        return self.cache.text
 
     def prepare_features(
         self, components, model_key: dict, vae_factor: int, patch_size: int, **_unused
     ) -> None:
         """Build (or reuse) the feature cache once the model is loaded; no-op without caching."""
         self.vae_factor, self.divisor = vae_factor, vae_factor * patch_size
-        if not self.cache:
+        if not self.cache.latents:
             return
         table = self.table()
         key = {
@@ -146,8 +148,8 @@ class PixArtCaptionDataModule(L.LightningDataModule):
                 json.dumps(dict(components.vae.config), sort_keys=True, default=str).encode()
             ).hexdigest()[:16],
         }
-        # Never inside the user's data folder: a per-user cache unless data.cache_dir says where.
-        cache = FeatureCache(self.cache_dir or default_cache_root(), key)
+        # Never inside the user's data folder: a per-user cache unless data.cache.dir says where.
+        cache = FeatureCache(self.cache.dir or default_cache_root(), key)
 
         # The same resize/crop as the image path (BucketedCaptionDataset): both give one loss.
         def transform(image):

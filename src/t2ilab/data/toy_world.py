@@ -9,10 +9,10 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from t2ilab.data.base import T2IDataModule
 from t2ilab.data.captioned import collate_captioned
 from t2ilab.data.class_folder import collate_classes
 from t2ilab.data.dreambooth import tokenize
@@ -106,9 +106,8 @@ class ToyWorldClassImages(ToyWorldScenes):
         return {"pixel_values": self.pixels(scene), "class_labels": label}
 
 
-class ToyWorldDataModule(L.LightningDataModule):
-    """Toy-world pretraining data with the datamodule interface train.py expects
-    (check, bind, class_prompt, validation_prompts)."""
+class ToyWorldDataModule(T2IDataModule):
+    """Toy-world pretraining data: renders need no cache (nothing is read from disk)."""
 
     collate = staticmethod(collate_captioned)
 
@@ -123,18 +122,19 @@ class ToyWorldDataModule(L.LightningDataModule):
         num_workers: int = 1,
         validation_prompts: list[str] | None = None,
         shapes: list[str] | None = None,
+        cache: dict | None = None,  # no caching: check() refuses data.cache.latents/text=true
         **_ignored,
     ):
-        super().__init__()
+        super().__init__(cache, **_ignored)
         self.size, self.seed, self.resolution = size, seed, resolution
         self.caption, self.caption_dropout = caption, caption_dropout
         self.batch_size, self.num_workers = batch_size, num_workers
         self._validation_prompts = list(validation_prompts or [])
         self.shapes = tuple(shapes) if shapes else SHAPES
-        self.tokenizer = None
         self.dataset: ToyWorldTextImages | None = None
 
     def check(self) -> None:
+        super().check()
         if self.caption not in CAPTION_KINDS:
             raise UserError(f"data.caption={self.caption}: use one of {', '.join(CAPTION_KINDS)}")
         if not 0.0 <= float(self.caption_dropout) <= 1.0:
@@ -146,14 +146,6 @@ class ToyWorldDataModule(L.LightningDataModule):
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise UserError(f"data.shapes: unknown {unknown}; the toy world has {list(SHAPES)}")
-
-    def bind(self, tokenizer, seed: int = 0, prompt_transform=None) -> dict[str, str]:
-        self.tokenizer = tokenizer
-        return {}
-
-    @property
-    def class_prompt(self) -> str | None:
-        return None
 
     def validation_prompts(self) -> list[str]:
         return self._validation_prompts

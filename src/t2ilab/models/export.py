@@ -114,6 +114,7 @@ def export_metadata(
             "name": cfg.model.name,
             "family": cfg.model.get("family", "sd"),
             "resolution": int(cfg.model.resolution),
+            "toy_world": bool(cfg.model.get("toy_world", False)),
         },
         "base_model": cfg.model.pretrained,
         **subject,

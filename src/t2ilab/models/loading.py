@@ -17,8 +17,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from t2ilab.errors import UserError
 from t2ilab.models import pixart_dit
 from t2ilab.models.backbone import Backbone
-from t2ilab.models.families import family_of
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
+from t2ilab.models.families import family_of
 from t2ilab.models.sources import component_folder, is_local_reference, plain, pretrained_source
 
 log = logging.getLogger(__name__)

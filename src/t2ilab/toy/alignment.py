@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -110,6 +111,28 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
     )
     log.info("toy alignment %s (images: %s)", metrics, path)
     return metrics
+
+
+class ToyAlignmentCallback(L.Callback):
+    """eval=toy_alignment during training: the prompt following of a toy model, scored once
+    training ends (on the EMA weights when EMA is on), logged as eval/<metric> and kept in
+    `last_metrics` for results.json."""
+
+    def __init__(self, settings: dict[str, Any], output_dir: str):
+        self.settings = dict(settings)
+        self.output_dir = Path(output_dir)
+        self.last_metrics: dict[str, float] = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        with pl_module.for_inference():
+            metrics = evaluate_alignment(
+                pl_module, self.settings, self.output_dir, pl_module.device
+            )
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, trainer.global_step)
+        self.last_metrics = metrics
 
 
 def main(argv: list[str] | None = None) -> None:
