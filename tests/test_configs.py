@@ -11,6 +11,7 @@ import pytest
 from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
+from t2ilab.build import build_module
 from t2ilab.loggers import build_loggers
 from t2ilab.models.loading import load_components
 from t2ilab.modules.base import DiffusionModule
@@ -33,13 +34,11 @@ def test_experiment_composes_and_instantiates(experiment, make_cfg):
     components = load_components(cfg.model)
     module_class = hydra.utils.get_class(cfg.method.module._target_)
     module_class.prepare_tokenizer(components.tokenizer, cfg.method)  # as train.py does
-    module = module_class.from_config(
-        cfg.method, components, noise=OmegaConf.to_container(cfg.noise)
-    )
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg, components, datamodule)
     assert isinstance(module, DiffusionModule)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.param_groups[0]["initial_lr"] == cfg.method.lr  # before any warmup
-    datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     datamodule.check()  # the bundled example data passes the checks
     trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=[])

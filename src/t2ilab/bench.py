@@ -123,19 +123,21 @@ def build_components(model: str):
     raise ValueError(f"model must be one of {MODELS}, not {model!r}")
 
 
-def build_module(components, method: str):
-    from t2ilab.modules.dreambooth import DreamBoothModule
-    from t2ilab.modules.lora import LoRAModule
+def build_module(components, method: str, steps: int = 10):
+    """The method's module as train.py builds it: from conf/method (full: DreamBooth's
+    optimizer; lora: rank 4), on the given backbone."""
+    from omegaconf import OmegaConf
 
-    def optimizer(params):
-        return torch.optim.AdamW(params, lr=1e-5)
+    from t2ilab.compat import method_config
+    from t2ilab.modules.base import DiffusionModule
 
-    kwargs = dict(components.module_kwargs(), optimizer=optimizer)
-    if method == "full":
-        return DreamBoothModule(**kwargs)
-    if method == "lora":
-        return LoRAModule(**kwargs, rank=4)
-    raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    names = {"full": "dreambooth", "lora": "lora"}
+    if method not in names:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    cfg = OmegaConf.create(
+        {"method": method_config(names[method]), "trainer": {"max_steps": steps}}
+    )
+    return DiffusionModule.from_config(cfg.method, components)
 
 
 def make_batch(module, batch_size: int, resolution: int, device: torch.device, cache: bool):
@@ -224,6 +226,8 @@ def run_benchmark(
         module.unet.enable_gradient_checkpointing()
     module.to(device).train()  # trainable parameters stay fp32; autocast lowers the compute
     optimizer = module.configure_optimizers()
+    if isinstance(optimizer, dict):  # with its LR schedule, which a timing run leaves alone
+        optimizer = optimizer["optimizer"]
     trainable = module.trained_parameter_count()
 
     torch.manual_seed(seed)

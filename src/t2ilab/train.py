@@ -15,27 +15,28 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 import t2ilab.quiet  # noqa: F401  (first of t2ilab's: silences known third-party noise)
-from t2ilab.callbacks.ema import EMACallback
-from t2ilab.callbacks.evaluation import DreamBoothEvalCallback
-from t2ilab.checkpoints import AtomicCheckpointIO, inspect_checkpoint
+from t2ilab.build import (
+    build_callbacks,
+    build_module,
+    build_protocol,
+    build_trainer,
+    log_parameter_counts,
+    prepare_data,
+)
+from t2ilab.checkpoints import inspect_checkpoint
 from t2ilab.compat import check_data_fits_model, check_method_fits_model
-from t2ilab.data.class_images import generate_class_images
-from t2ilab.data.dreambooth import prompt_slug
 from t2ilab.errors import UserError
-from t2ilab.launch import external_rank, local_rank, pin_job_for_lightning_ranks, rank_scope
-from t2ilab.loggers import build_loggers, finish_loggers, flat_config, instantiate_dict
-from t2ilab.metrics.protocol import DreamBoothProtocol
+from t2ilab.launch import pin_job_for_lightning_ranks, rank_scope
+from t2ilab.loggers import build_loggers, finish_loggers, flat_config
 from t2ilab.models.export import export_metadata, export_pipeline
 from t2ilab.models.loading import load_components, load_tokenizer
-from t2ilab.models.pipelines import make_sampler
 from t2ilab.models.stages import init_from_previous_stage
 from t2ilab.noise import NoiseConfig
 from t2ilab.preflight import preflight
-from t2ilab.resume import ApplyResumedSettings, settings_changes, settings_of
+from t2ilab.resume import settings_changes, settings_of
 from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
 from t2ilab.runner import experiment_name, run_task
 from t2ilab.scale import scale_line
@@ -67,40 +68,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         hint = " (ckpt_path=last needs hydra.run.dir=<the run to resume>)" if ckpt == "last" else ""
         raise UserError(f"ckpt_path={ckpt}: no checkpoint at {path}{hint}")
     return str(path)
-
-
-def generation_device(cfg: DictConfig, index: int = 0) -> torch.device:
-    """Where frozen models generate or encode before training; rank i of a node uses GPU i."""
-    if cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", index % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_dir) -> Path:
-    """Fill the class folder with images from the frozen base model (its own schedule)."""
-    class_dir = Path(
-        class_dir or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
-    ).expanduser()
-    pipe = components.pipeline(make_sampler(cfg.sampling.scheduler, components.scheduler_config))
-    device = generation_device(cfg, local_rank())
-    rank, world_size = external_rank()
-    pipe.to(device)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        generate_class_images(
-            pipe,
-            class_prompt,
-            class_dir,
-            num_images=int(cfg.method.num_class_images),
-            batch_size=int(cfg.method.class_image_batch_size),
-            seed=int(cfg.seed),
-            num_inference_steps=int(cfg.sampling.num_inference_steps),
-            guidance_scale=float(cfg.sampling.guidance_scale),
-            resolution=int(cfg.data.resolution),
-            rank=rank,
-            world_size=world_size,
-        )
-    pipe.to("cpu")
-    return class_dir
 
 
 def export_dir(cfg: DictConfig) -> Path:
@@ -154,24 +121,6 @@ def check_ema(cfg: DictConfig) -> None:
         )
 
 
-def build_protocol(cfg: DictConfig, datamodule) -> DreamBoothProtocol | None:
-    """The evaluation protocol for a subject-driven run; None when evaluation is off or the data
-    has no subject (captioned fine-tuning)."""
-    subject = datamodule.subject()
-    if not cfg.eval.get("enabled") or not subject:  # captioned or class data: no subject
-        return None
-    protocol = DreamBoothProtocol(
-        OmegaConf.to_container(cfg.eval, resolve=True),
-        subject["instance_dir"],
-        subject["identifier"],
-        subject["class_noun"] or "",
-        device=generation_device(cfg),
-    )
-    # Load the evaluator models now: a missing one fails before hours of fine-tuning.
-    protocol.evaluators()
-    return protocol
-
-
 def log_scale_changes(cfg: DictConfig) -> None:
     """One line when conf/scale/ replaced values of the experiment (it applies after it)."""
     try:
@@ -215,67 +164,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     components = load_components(cfg.model, tokenizer)
     init_from_previous_stage(cfg, components)
-    if datamodule.class_prompt:
-        datamodule.class_dir = prepare_class_images(
-            cfg, components, datamodule.class_prompt, datamodule.class_dir
-        )
-
-    # Caches need the loaded encoders: on the GPU, when there is one, only while they encode.
-    device = generation_device(cfg, local_rank())
-    caching = datamodule.cache.latents or datamodule.cache.text
-    encoders = [components.vae, *components.text_encoders] if caching else []
-    for encoder in encoders:
-        encoder.to(device)
-    datamodule.prepare_features(
-        components,
-        model_key={
-            "model": cfg.model.name,
-            "pretrained": cfg.model.pretrained,
-            "revision": cfg.model.get("revision"),
-            "seed": cfg.model.get("tiny", {}).get("seed"),
-        },
-        vae_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
-        patch_size=int(cfg.model.get("patch_size", 1)),
-        # DreamBooth's text cache holds CLIP states (SD); PixArt's T5 states also need masks,
-        # which its own feature cache (data=pixart_captions) stores.
-        text_frozen=module_class.text_encoder_frozen(cfg.method)
-        and cfg.model.get("family", "sd") == "sd",
-    )
-    for encoder in encoders:
-        encoder.to("cpu")
-    module = module_class.from_config(
-        cfg.method,
-        components,
-        noise=OmegaConf.to_container(cfg.noise, resolve=True),
-        seed=int(cfg.seed),
-    )
-    if datamodule.id2label is not None:  # class-conditional: the export names its classes
-        module.backbone.id2label = datamodule.id2label
-    module.prompt_vars = prompt_vars
-    module.prompt_transform = prompt_transform
-    module.offload_text_encoder = datamodule.text_from_cache
+    prepare_data(cfg, datamodule, components, module_class)
+    module = build_module(cfg, components, datamodule, prompt_vars, prompt_transform)
     module.run_record = {"settings": settings_of(cfg), "resumes": resume.history}
 
     loggers = build_loggers(cfg)
-    # The run's callbacks and those its evaluation preset brings (eval=toy_alignment).
-    callbacks = instantiate_dict(cfg.get("callbacks")) + instantiate_dict(cfg.eval.get("callbacks"))
-    if resume.ckpt_path:
-        callbacks.append(ApplyResumedSettings(resume.changes))
-    if cfg.ema.enabled:
-        ema = {k: v for k, v in cfg.ema.items() if k != "enabled"}
-        callbacks.insert(0, EMACallback(**ema))
-    evaluation = None
-    if protocol is not None:
-        evaluation = DreamBoothEvalCallback(
-            protocol,
-            output_dir=Path(cfg.paths.output_dir) / "samples",
-            every_n_steps=int(cfg.eval.every_n_steps),
-            scheduler=cfg.eval.scheduler,
-        )
-        callbacks.append(evaluation)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=checkpoint_plugins(cfg)
-    )
+    changes = resume.changes if resume.ckpt_path else None
+    callbacks, evaluation = build_callbacks(cfg, changes, protocol)
+    trainer = build_trainer(cfg, loggers, callbacks)
     for lg in loggers:
         lg.log_hyperparams(flat_config(cfg))
     log_parameter_counts(module, loggers)
@@ -341,13 +237,6 @@ def plan_resume(cfg: DictConfig) -> ResumePlan:
     return ResumePlan(path, changes, history, record["global_step"])
 
 
-def checkpoint_plugins(cfg: DictConfig) -> list:
-    """Checkpoints written whole or not at all (t2ilab.checkpoints); DeepSpeed writes its own."""
-    strategy = cfg.trainer.get("strategy") or {}
-    target = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy)
-    return [] if "deepspeed" in target.lower() else [AtomicCheckpointIO()]
-
-
 def keep_previous_export(cfg: DictConfig, resume: ResumePlan) -> None:
     """A run continued past its end keeps the export it had as export_step_<N>/ beside the new
     one: nothing a finished run wrote is replaced."""
@@ -368,21 +257,6 @@ def export_run(cfg: DictConfig, module, out_dir: Path, metadata: dict[str, Any])
     if not cfg.model.pretrained and module.artefact != "pipeline":
         base = load_components(cfg.model)  # a fresh tokenizer: no added tokens
     export_pipeline(module, out_dir, cfg.sampling.scheduler, metadata, base_components=base)
-
-
-def log_parameter_counts(module, loggers) -> None:
-    trainable = module.trained_parameter_count()
-    unet = sum(p.numel() for n, p in module.denoiser.named_parameters() if "lora_" not in n)
-    share = trainable / unet if unet else float("nan")
-    log.info(
-        "trainable parameters: %s (%.4f%% of the denoiser's %s)",
-        f"{trainable:,}",
-        100 * share,
-        f"{unet:,}",
-    )
-    counts = {"params/trainable": trainable, "params/denoiser": unet, "params/share": share}
-    for lg in loggers:
-        lg.log_hyperparams(counts)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
