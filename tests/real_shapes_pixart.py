@@ -14,6 +14,7 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
+from real_shapes import sdxl_base_configs
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 SIGMA_1024 = {
@@ -68,21 +69,8 @@ SIGMA_1024 = {
         "use_cache": True,
         "vocab_size": 32128,
     },
-    # vae/config.json: the SDXL VAE
-    "vae": {
-        "act_fn": "silu",
-        "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "force_upcast": True,
-        "in_channels": 3,
-        "latent_channels": 4,
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "out_channels": 3,
-        "sample_size": 1024,
-        "scaling_factor": 0.13025,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-    },
+    # vae/config.json: the SDXL VAE (Sigma trains over it)
+    "vae": sdxl_base_configs()["vae"],
     # scheduler/scheduler_config.json
     "scheduler": {
         "algorithm_type": "dpmsolver++",

@@ -10,7 +10,7 @@ from _support import CONF, ROOT
 from omegaconf import OmegaConf
 
 from t2ilab.data.dreambooth import DreamBoothDataModule
-from t2ilab.models.loading import load_sd_components
+from t2ilab.models.loading import load_components, load_sd_components
 from t2ilab.modules.dreambooth import DreamBoothModule
 from t2ilab.modules.step_random import StepRandom
 
@@ -48,12 +48,30 @@ def test_cached_and_uncached_losses_are_equal(components):
         _first_batch(_datamodule(components, True)),
     )
     assert {"pixel_values", "input_ids"} <= set(plain)
-    assert {"latent_mean", "latent_std", "prompt_embeds"} <= set(cached)
+    assert {"latent_mean", "latent_std", "condition"} <= set(cached)
     assert "pixel_values" not in cached and "input_ids" not in cached
     module = DreamBoothModule(**copy.deepcopy(components).module_kwargs()).eval()
     losses = []
     for batch in (plain, cached):
         with torch.no_grad():  # the same step's draws for both
+            losses.append(module.diffusion_loss(batch, StepRandom(seed=0, key=(0,)))[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_pixart"])
+def test_every_text_backbone_caches_its_own_condition(model):
+    """SDXL's two encoders + pooled embedding + time ids, PixArt's T5 states + mask: the cached
+    condition trains to the same loss as encoding every step."""
+    backbone = load_components(OmegaConf.load(CONF / "model" / f"{model}.yaml"))
+    plain, cached = (
+        _first_batch(_datamodule(backbone, False)),
+        _first_batch(_datamodule(backbone, True)),
+    )
+    assert isinstance(cached["condition"], dict) and "input_ids" not in cached
+    module = DreamBoothModule(**copy.deepcopy(backbone).module_kwargs()).eval()
+    losses = []
+    for batch in (plain, cached):
+        with torch.no_grad():
             losses.append(module.diffusion_loss(batch, StepRandom(seed=0, key=(0,)))[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
 

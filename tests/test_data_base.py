@@ -11,9 +11,9 @@ from _support import CONF, compose_cfg
 from omegaconf import OmegaConf
 
 from t2ilab.data.base import T2IDataModule
-from t2ilab.data.toy import SHAPES
 from t2ilab.errors import UserError
 from t2ilab.models.clip_tokenizer import build_clip_tokenizer
+from t2ilab.toy.world import SHAPES
 
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 CLASS_CONDITIONAL = {"class_folder", "toy_world_classes"}

@@ -103,7 +103,7 @@ def test_every_kind_of_export_evaluates_as_its_run_did(kind, tmp_path):
         from diffusers import DiTPipeline
 
         labels = DiTPipeline.from_pretrained(run_dir / "export").get_label_ids(["star", "circle"])
-        assert labels == [3, 0]  # t2ilab.data.toy.SHAPES order
+        assert labels == [3, 0]  # t2ilab.toy.world.SHAPES order
 
 
 def _fake_export(folder, metadata, pipeline_class=None):

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from t2ilab.data.toy import SUBJECTS, class_caption, dense_caption, sample_scene, scene_at
 from t2ilab.toy import quality
 from t2ilab.toy.tokenizer import RARE_IDENTIFIERS, WORLD_WORDS
+from t2ilab.toy.world import SUBJECTS, class_caption, dense_caption, sample_scene, scene_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "models" / "toy"

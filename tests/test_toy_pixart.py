@@ -21,13 +21,13 @@ from PIL import Image
 from transformers import ByT5Tokenizer, CLIPTextModel, CLIPTokenizer
 
 import t2ilab.train as train_module
-from t2ilab.data.toy import COLORS, SHAPES, Scene, render, scene_at
-from t2ilab.data.toy_world import ToyWorldClassDataModule
 from t2ilab.errors import UserError
 from t2ilab.models.pipelines import pipeline_call_kwargs
 from t2ilab.models.pixart_dit import tokenizer_attention_mask
 from t2ilab.models.stages import resolution_change
 from t2ilab.toy import quality
+from t2ilab.toy.datamodules import ToyWorldClassDataModule
+from t2ilab.toy.world import COLORS, SHAPES, Scene, render, scene_at
 
 TOY = ROOT / "models" / "toy"
 FAST = [

@@ -11,11 +11,11 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from t2ilab.data.dreambooth import tokenize
-from t2ilab.data.toy import class_caption, dense_caption, scene_at
-from t2ilab.data.toy_world import ToyWorldDataModule, ToyWorldTextImages
 from t2ilab.errors import UserError
 from t2ilab.models.loading import load_sd_components, load_tokenizer, vae_scale_factor
+from t2ilab.toy.datamodules import ToyWorldDataModule, ToyWorldTextImages
 from t2ilab.toy.tokenizer import build_toy_tokenizer
+from t2ilab.toy.world import class_caption, dense_caption, scene_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_caption_dropout_gives_empty_captions_at_its_rate(tokenizer):
 def test_partial_captions_mix_dense_class_and_subsets_that_stay_true(tokenizer):
     """caption=partial: a quarter dense, a quarter class-only, the rest a random subset of the
     attributes in the dense caption's order; never an attribute the scene does not have."""
-    from t2ilab.data.toy import OPTIONAL_ATTRIBUTES, partial_caption
+    from t2ilab.toy.world import OPTIONAL_ATTRIBUTES, partial_caption
 
     data = ToyWorldTextImages(tokenizer, 400, 1, 16, caption="partial")
     kinds = {"dense": 0, "class": 0, "subset": 0}

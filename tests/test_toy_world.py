@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from t2ilab.data.captioned import read_captioned_folder
 from t2ilab.data.class_folder import read_class_folder
-from t2ilab.data.toy import (
+from t2ilab.toy.world import (
     BACKGROUNDS,
     COLORS,
     PATTERNS,
@@ -425,7 +425,7 @@ def test_subject_cli_writes_instances_and_refuses_to_overwrite(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "t2ilab.data.toy",
+        "t2ilab.toy.world",
         "subject",
         "striped_star",
         str(out),

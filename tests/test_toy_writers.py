@@ -1,11 +1,11 @@
-"""`python -m t2ilab.data.toy captioned|classes|subject OUT_DIR`: never overwrites or adds to a
+"""`python -m t2ilab.toy.world captioned|classes|subject OUT_DIR`: never overwrites or adds to a
 folder a user filled; every refusal is one line. (The rendering itself: tests/test_toy_world.py.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from t2ilab.data.toy import main
+from t2ilab.toy.world import main
 
 WRITERS = {
     "subject": ["subject", "striped_star", "OUT", "--n", "2", "--resolution", "16"],

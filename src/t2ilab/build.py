@@ -92,10 +92,7 @@ def prepare_data(cfg: DictConfig, datamodule, backbone: Backbone, module_class) 
         },
         vae_factor=2 ** (len(backbone.vae.config.block_out_channels) - 1),
         patch_size=int(cfg.model.get("patch_size", 1)),
-        # DreamBooth's text cache holds CLIP states (SD); PixArt's T5 states also need masks,
-        # which its own feature cache (data=pixart_captions) stores.
-        text_frozen=module_class.text_encoder_frozen(cfg.method)
-        and cfg.model.get("family", "sd") == "sd",
+        text_frozen=module_class.text_encoder_frozen(cfg.method),
     )
     for encoder in encoders:
         encoder.to("cpu")

@@ -43,6 +43,17 @@ RENAMED_TARGETS = {
     "t2ilab.modules.dit.DiTModule": "t2ilab.modules.full.FullModule",
 }
 TARGET_KEY = "method.module._target_"
+# Datamodule classes that moved: the toy world's datamodules left t2ilab.data for t2ilab.toy;
+# checkpoints stamped before the move record the old dotted path under data._target_.
+RENAMED_DATAMODULES = {
+    "t2ilab.data.toy_world.ToyWorldDataModule": "t2ilab.toy.datamodules.ToyWorldDataModule",
+    "t2ilab.data.toy_world.ToyWorldClassDataModule": (
+        "t2ilab.toy.datamodules.ToyWorldClassDataModule"
+    ),
+}
+DATA_TARGET_KEY = "data._target_"
+# Each recorded class path, with the classes under it that moved (old path -> new path).
+MOVED_CLASSES = {TARGET_KEY: RENAMED_TARGETS, DATA_TARGET_KEY: RENAMED_DATAMODULES}
 # Errors that mean "the disk (or the user's quota or file-size limit) is full".
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -81,9 +92,10 @@ def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
 
 
 def current_settings(trained: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded settings as this version records them: moved module classes under
-    their current path, and without the `method.module.<key>: ${method.<key>}` copies older
-    configs held (a method key is now written once and handed to the module by name)."""
+    """A checkpoint's recorded settings as this version records them: moved module and
+    datamodule classes (MOVED_CLASSES) under their current path, and without the
+    `method.module.<key>: ${method.<key>}` copies older configs held (a method key is now
+    written once and handed to the module by name)."""
     trained = {
         key: value
         for key, value in trained.items()
@@ -94,9 +106,10 @@ def current_settings(trained: dict[str, Any]) -> dict[str, Any]:
             and trained.get("method." + key.rsplit(".", 1)[1], object()) == value
         )
     }
-    target = trained.get(TARGET_KEY)
-    if isinstance(target, str) and target in RENAMED_TARGETS:
-        return {**trained, TARGET_KEY: RENAMED_TARGETS[target]}
+    for key, renamed in MOVED_CLASSES.items():
+        target = trained.get(key)
+        if isinstance(target, str) and target in renamed:
+            trained[key] = renamed[target]
     return trained
 
 

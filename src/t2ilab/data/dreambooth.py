@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -118,8 +119,9 @@ class DreamBoothDataset(Dataset):
     """Cycles instance images (and class images, independently) for max(n_instance, n_class).
     Items are read by draw (t2ilab.data.loader): random crops and flips are keyed by it.
 
-    With `image_features` (path -> cached VAE posterior) and `text_features` (prompt -> frozen
-    text-encoder states), examples carry those instead of pixels and token ids."""
+    With `image_features` (path -> cached VAE posterior) and `text_features` (prompt -> the
+    backbone's condition from frozen text encoders: a tensor, or a dict of them), examples carry
+    those instead of pixels and token ids."""
 
     def __init__(
         self,
@@ -130,7 +132,7 @@ class DreamBoothDataset(Dataset):
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
         image_features: dict[Path, dict[str, torch.Tensor]] | None = None,
-        text_features: dict[str, torch.Tensor] | None = None,
+        text_features: dict[str, Any] | None = None,
         seed: int = 0,
     ):
         self.seed = seed
@@ -144,7 +146,7 @@ class DreamBoothDataset(Dataset):
 
     def _text(self, prompt: str, tokenizer) -> dict[str, torch.Tensor]:
         if self.text_features is not None:
-            return {"prompt_embeds": self.text_features[prompt]}
+            return {"condition": self.text_features[prompt]}
         return {"input_ids": tokenize(tokenizer, prompt)}
 
     def _image(self, path: Path, rng) -> dict[str, torch.Tensor]:
@@ -165,10 +167,26 @@ class DreamBoothDataset(Dataset):
         return example
 
 
+def first_row(tree: Any) -> Any:
+    """The one example of a batch-of-one condition, on the CPU."""
+    if isinstance(tree, dict):
+        return {key: first_row(value) for key, value in tree.items()}
+    return None if tree is None else tree[0].cpu()
+
+
+def stack_tree(items: list[Any]) -> Any:
+    """Stack per-example tensors, also inside the dicts a backbone's condition is made of
+    (SDXL: embeds, pooled, time ids; PixArt: embeds, mask, sizes that may be None)."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {key: stack_tree([item[key] for item in items]) for key in first}
+    return None if first is None else torch.stack(items)
+
+
 def collate_dreambooth(examples: list[dict]) -> dict[str, torch.Tensor | int]:
     """B instance examples first, then their B class examples (prior preservation)."""
     parts = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
-    batch = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+    batch = {key: stack_tree([p[key] for p in parts]) for key in parts[0]}
     batch["num_instance"] = len(examples)
     return batch
 
@@ -290,8 +308,9 @@ class DreamBoothDataModule(T2IDataModule):
     @torch.no_grad()
     def prepare_features(self, components, *, text_frozen: bool, **_unused) -> None:
         """Encode what does not change during training once: VAE posteriors of the images when
-        the transform is deterministic (no random crop/flip), the two prompts' text states when
-        the text encoder is frozen. The training step then skips the VAE and text encoder and
+        the transform is deterministic (no random crop/flip), the two prompts' condition (the
+        backbone's encoding: CLIP states, SDXL's two encoders + pooled + time ids, T5 + mask)
+        when the text encoders are frozen. The training step then skips the VAE and text encoder and
         gives the same loss for the same seed (tests/test_caching.py)."""
         from t2ilab.data.feature_cache import vae_image_encoder
 
@@ -310,12 +329,12 @@ class DreamBoothDataModule(T2IDataModule):
         if self.cache.text and text_frozen:
             transform = self.prompt_transform or (lambda prompt: prompt)
             prompts = [transform(p) for p in (self.prompts.instance_prompt, self.class_prompt) if p]
-            encoder = components.text_encoder.eval()
-            device = next(encoder.parameters()).device
-            self.text_features = {
-                p: encoder(tokenize(self.tokenizer, p)[None].to(device))[0][0].cpu()
-                for p in prompts
-            }
+            device = components.vae.device
+            self.text_features = {}
+            for prompt in prompts:
+                ids = tokenize(self.tokenizer, prompt)[None].to(device)
+                condition = components.encode_condition({"input_ids": ids})
+                self.text_features[prompt] = first_row(condition)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None or self.prompts is None:

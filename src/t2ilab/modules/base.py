@@ -155,6 +155,8 @@ class DiffusionModule(L.LightningModule):
         return any(p.requires_grad for e in self.backbone.text_encoders for p in e.parameters())
 
     def encode_condition(self, batch: dict[str, Any]) -> Any:
+        if "condition" in batch:  # the data's cache of the frozen text encoders' encoding
+            return batch["condition"]
         # Gradients reach the text encoders only when some of them trains (fine-tuning, LoRA on
         # the text encoder, textual inversion's embedding rows).
         return self.backbone.encode_condition(batch, text_grad=self.text_trains())

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from t2ilab.data.toy import SHAPES, Scene, dense_caption
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.noise import inference_scheduler_config
 from t2ilab.toy import quality
+from t2ilab.toy.world import SHAPES, Scene, dense_caption
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
 

@@ -1,4 +1,4 @@
-"""Text-to-image data rendered on the fly from the toy world (t2ilab.data.toy).
+"""Text-to-image data rendered on the fly from the toy world (t2ilab.toy.world).
 
 Used to pretrain the toy diffusion models: every example is a fresh render with its exact
 caption, so there are no files to write and no fixed dataset to overfit. An "epoch" is `size`
@@ -17,7 +17,8 @@ from t2ilab.data.captioned import collate_captioned
 from t2ilab.data.class_folder import collate_classes
 from t2ilab.data.dreambooth import tokenize
 from t2ilab.data.loader import draw_rng, resumable_loader
-from t2ilab.data.toy import (
+from t2ilab.errors import UserError
+from t2ilab.toy.world import (
     OPTIONAL_ATTRIBUTES,
     SHAPES,
     class_caption,
@@ -27,7 +28,6 @@ from t2ilab.data.toy import (
     render,
     scene_at,
 )
-from t2ilab.errors import UserError
 
 CAPTION_KINDS = ("dense", "class", "mixed", "partial")
 # caption=partial: the share of dense and of class-only captions; the rest state a random subset

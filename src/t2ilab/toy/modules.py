@@ -25,14 +25,14 @@ from t2ilab.metrics.embedders import (
     image_embedding,
 )
 from t2ilab.toy import quality
-from t2ilab.toy.data import (
+from t2ilab.toy.models import build_clip, build_dino, build_vae
+from t2ilab.toy.streams import (
     CaptionedRenders,
     ObjectViews,
     Renders,
     collate_captioned,
     collate_views,
 )
-from t2ilab.toy.models import build_clip, build_dino, build_vae
 from t2ilab.toy.tokenizer import build_toy_tokenizer, save_toy_tokenizer
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from t2ilab.data.toy import (
+from t2ilab.toy.streams import appearance, object_at, random_view
+from t2ilab.toy.world import (
     COLORS,
     SHAPES,
     SUBJECTS,
@@ -27,7 +28,6 @@ from t2ilab.data.toy import (
     scene_at,
     subject_scenes,
 )
-from t2ilab.toy.data import appearance, object_at, random_view
 from t2ilab.utils.images import make_grid
 
 # Seeds of the fresh renders: the recipes train on seeds 0-2.

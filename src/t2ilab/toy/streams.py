@@ -1,4 +1,4 @@
-"""Training streams for the toy models, rendered on the fly from the toy world.
+"""Pretraining streams for the toy VAE, CLIP and DINO, rendered on the fly from the toy world.
 
 Item i of a stream is a pure function of (seed, i), like `scene_at`, so every run with the same
 seed sees the same images in the same order and nothing is stored.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from t2ilab.data.toy import (
+from t2ilab.toy.world import (
     BACKGROUNDS,
     COLORS,
     MAX_JITTER,

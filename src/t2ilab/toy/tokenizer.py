@@ -20,8 +20,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from t2ilab.data.toy import BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZES
 from t2ilab.models.clip_tokenizer import BOS_TOKEN, EOS_TOKEN, _bytes_to_unicode
+from t2ilab.toy.world import BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZES
 
 # Words of the toy world's captions (`dense_caption`, `class_caption`, subject descriptions).
 CAPTION_GLUE = ("a", "an", "on", "with", "and", "background", "dot")

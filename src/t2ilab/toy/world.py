@@ -16,9 +16,9 @@ box-downsampled, so edges are antialiased; a 64x64 render takes about half a mil
 
 Command line (writes PNG folders in the layouts this project's datamodules read):
 
-    python -m t2ilab.data.toy subject striped_star OUT_DIR [--n 6]
-    python -m t2ilab.data.toy captioned OUT_DIR --n 1000 [--caption dense|class]
-    python -m t2ilab.data.toy classes OUT_DIR --n-per-class 100
+    python -m t2ilab.toy.world subject striped_star OUT_DIR [--n 6]
+    python -m t2ilab.toy.world captioned OUT_DIR --n 1000 [--caption dense|class]
+    python -m t2ilab.toy.world classes OUT_DIR --n-per-class 100
 """
 
 from __future__ import annotations
@@ -798,7 +798,7 @@ def write_classes(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m t2ilab.data.toy",
+        prog="python -m t2ilab.toy.world",
         description="Render the procedural toy world (coloured shapes with exact captions) "
         "into image folders. The target folder must be new or empty.",
     )
