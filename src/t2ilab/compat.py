@@ -17,13 +17,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
-from t2ilab.models.families import Family, family_of
+from t2ilab.models.families import FAMILIES, Family, family_of
 
 # The composition matrix: rows are the methods, columns the tiny backbones of every family.
 MATRIX_METHODS = ("dreambooth", "lora", "textual_inversion", "adapter")
 MATRIX_MODELS = ("tiny_sd", "tiny_sdxl", "tiny_pixart", "tiny_pixart_sigma", "tiny_dit")
-# Data that conditions on class labels; every other data config gives prompts.
-CLASS_LABEL_DATA = ("class_folder", "toy_world_classes")
 
 
 def conf_dir() -> Path | None:
@@ -82,8 +80,6 @@ def refusal(family: Family, method_cfg, data_cfg=None, module_class=None) -> str
 
 def methods_for(family: str, folder: Path | None = None) -> list[str]:
     """The method configs that run on this family (with data that fits it)."""
-    from t2ilab.models.families import FAMILIES
-
     folder = folder or conf_dir()
     if folder is None:
         return []

@@ -65,10 +65,6 @@ class StableDiffusionBackbone(Backbone):
         )
 
 
-# The name before backbones had behaviour (tests and user scripts import it).
-StableDiffusionComponents = StableDiffusionBackbone
-
-
 def check_pretrained_reference(pretrained: str, revision: str | None = None) -> dict[str, Any]:
     """Fail fast, before weights load, on a reference that is not a diffusers pipeline.
 
@@ -157,7 +153,7 @@ def load_tokenizer(model_cfg: DictConfig | dict):
     raise UserError(f"model '{model_cfg.get('name')}' sets neither model.pretrained nor model.tiny")
 
 
-def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDiffusionComponents:
+def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDiffusionBackbone:
     model_cfg = plain(model_cfg)
     tokenizer = tokenizer or load_tokenizer(model_cfg)
     if model_cfg.get("pretrained"):
@@ -169,7 +165,7 @@ def load_sd_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDi
     return build_tiny_sd(model_cfg["tiny"], tokenizer, model_cfg.get("components"))
 
 
-def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionComponents:
+def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionBackbone:
     source = pretrained_source(model_cfg)
     kwargs = {"revision": model_cfg.get("revision")}
     weights = dict(kwargs, variant=model_cfg.get("variant"))
@@ -178,12 +174,12 @@ def _load_pretrained(model_cfg: dict[str, Any], tokenizer) -> StableDiffusionCom
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
     scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs))
-    return StableDiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler_config)
+    return StableDiffusionBackbone(unet, vae, text_encoder, tokenizer, scheduler_config)
 
 
 def build_tiny_sd(
     tiny_cfg: dict[str, Any], tokenizer=None, components: dict[str, str] | None = None
-) -> StableDiffusionComponents:
+) -> StableDiffusionBackbone:
     """A small SD-shaped model from config, identical for the same seed on any machine.
     `components` names folders to load parts from instead (vae, text_encoder): a new UNet over
     a pretrained VAE and text encoder, as when pretraining the toy models."""
@@ -206,6 +202,4 @@ def build_tiny_sd(
         # The real CLIP BPE vocabulary, so identifiers like "sks" tokenize exactly as in SD.
         max_length = tiny_cfg["text_encoder"]["max_position_embeddings"]
         tokenizer = build_clip_tokenizer(model_max_length=max_length)
-    return StableDiffusionComponents(
-        unet, vae, text_encoder, tokenizer, dict(tiny_cfg["scheduler"])
-    )
+    return StableDiffusionBackbone(unet, vae, text_encoder, tokenizer, dict(tiny_cfg["scheduler"]))

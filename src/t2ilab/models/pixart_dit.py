@@ -125,11 +125,6 @@ class DiTBackbone(Backbone):
         (Path(folder) / LABELS_FILE).write_text(json.dumps(self.id2label, indent=2))
 
 
-# Names before backbones had behaviour.
-PixArtComponents = PixArtBackbone
-DiTComponents = DiTBackbone
-
-
 # The class names beside a DiT export: older exports have them only here (not in
 # model_index.json, so stock diffusers lost them); exports still write it for those readers.
 LABELS_FILE = "id2label.json"
