@@ -15,6 +15,7 @@ import t2ilab.train as train_module
 from t2ilab.compat import MATRIX_METHODS, MATRIX_MODELS, matrix, matrix_overrides
 from t2ilab.errors import UserError
 from t2ilab.models.export import load_export
+from t2ilab.models.loading import load_components
 from t2ilab.models.pipelines import make_sampler, pipeline_call_kwargs
 from t2ilab.noise import inference_scheduler_config
 
@@ -77,7 +78,11 @@ def test_cell_runs_or_is_refused_in_one_line(method, model, make_cfg, monkeypatc
     with torch.no_grad():
         expected = sample(module.pipeline(sampler), prompt)
         got = sample(reloaded, prompt)
+        base = sample(load_components(cfg.model).pipeline(sampler), prompt)
     assert got.shape == expected.shape
     # The reloaded export renders what the trained weights render (LoRA merged by peft on
-    # PixArt/DiT, or scaled by diffusers' loader, differs only in rounding).
+    # PixArt/DiT, or scaled by diffusers' loader, differs only in rounding)...
     np.testing.assert_allclose(got, expected, atol=2e-3)
+    # ...and what it carries is the training: two steps moved the image further from the base
+    # model's than the export's rounding did (an empty export would render the base exactly).
+    assert np.abs(got - base).max() > 10 * np.abs(got - expected).max()

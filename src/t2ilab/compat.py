@@ -139,7 +139,10 @@ def matrix_overrides(method: str, model: str) -> list[str]:
     data = matrix_data(model)
     overrides = [f"model={model}", f"method={matrix_method(method, model)}", f"data={data}"]
     if data == "dreambooth":
-        return overrides + ["method.prior_preservation=true"]
+        overrides.append("method.prior_preservation=true")
+        if method == "textual_inversion":  # the prompts name the word it learns
+            overrides.append("data.identifier=${method.placeholder_token}")
+        return overrides
     return overrides + ["method.prior_preservation=false", "data.batch_size=2"]
 
 
