@@ -14,7 +14,6 @@ loads any weights.
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import os
 import shutil
@@ -75,15 +74,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
         try:
+            # Streamed into the file: serialising into memory first held a second copy of the
+            # checkpoint (weights and optimizer state) at the run's peak (experiments/benchmarks).
             with atomic_file(path, durable=True) as tmp, open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-        except OSError as err:
-            if err.errno in DISK_FULL:
-                raise UserError(disk_full_message(path, err)) from None
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as err:
+            cause = os_error_of(err)
+            if cause is not None and cause.errno in DISK_FULL:
+                raise UserError(disk_full_message(path, cause)) from None
             raise
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: itself, or the one torch's zip writer wraps in a RuntimeError
+    when a write into the file fails."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
 
 
 def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
