@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -33,6 +34,7 @@ from t2ilab.noise import (
     sample_noise,
     training_target,
 )
+from t2ilab.optim import fused_where_possible
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +320,11 @@ class DiffusionModule(L.LightningModule):
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
         if self.optimizer_factory is None:
             raise RuntimeError("no optimizer configured (set method.optimizer)")
-        optimizer = self.optimizer_factory(params=params)
+        trainer = self._trainer
+        factory = fused_where_possible(
+            self.optimizer_factory, trainer.precision_plugin if trainer is not None else None
+        )
+        optimizer = factory(params=params)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
@@ -326,6 +332,23 @@ class DiffusionModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer in case a
+        # gradient scaler left the gradients scaled; bf16-mixed has no scaler, so they are the
+        # true gradients and the plain plugin's clipping is exact (fused_where_possible).
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and isinstance(plugin, MixedPrecision)
+            and plugin.scaler is None
+        ):
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def noise_factors(self) -> dict[str, Any]:
         """The objective as it resolved over the model's own scheduler config: the values a
