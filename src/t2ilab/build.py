@@ -142,9 +142,22 @@ def build_callbacks(
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in OUR_KEYS:
+        settings.pop(key, None)
     return hydra.utils.instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, plugins=checkpoint_plugins(cfg)
+        settings, logger=loggers, callbacks=callbacks, plugins=checkpoint_plugins(cfg)
     )
+
+
+# trainer.* keys that are t2ilab's, not Lightning Trainer arguments.
+OUR_KEYS = ("cpu_threads",)
+
+
+def ranks_on_this_machine(cfg: DictConfig) -> int:
+    """Processes of this run on one machine (trainer.devices when it is a count)."""
+    devices = cfg.trainer.get("devices", 1)
+    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 def checkpoint_plugins(cfg: DictConfig) -> list:

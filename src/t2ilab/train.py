@@ -25,6 +25,7 @@ from t2ilab.build import (
     build_trainer,
     log_parameter_counts,
     prepare_data,
+    ranks_on_this_machine,
 )
 from t2ilab.checkpoints import inspect_checkpoint
 from t2ilab.compat import check_data_fits_model, check_method_fits_model
@@ -40,6 +41,7 @@ from t2ilab.resume import settings_changes, settings_of
 from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
 from t2ilab.runner import experiment_name, run_task
 from t2ilab.scale import scale_line
+from t2ilab.threads import apply_cpu_threads
 from t2ilab.validation import (
     check_alignment_matches_model,
     check_devices,
@@ -147,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_alignment_matches_model(cfg)
     check_ema(cfg)
     check_devices(cfg)  # this machine
+    apply_cpu_threads(cfg.trainer.get("cpu_threads"), ranks_on_this_machine(cfg))
     check_outputs_apart_from_data(cfg)  # the files: the user's and the run's
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
