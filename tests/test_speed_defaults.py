@@ -1,0 +1,171 @@
+"""Speed and memory defaults (issue 15): the fused Adam(W) step where the precision allows it,
+clipping that still works with it under bf16-mixed, CPU threads from the free cores, and
+checkpoints streamed to disk instead of serialised in memory first."""
+
+from __future__ import annotations
+
+import functools
+import tracemalloc
+
+import hydra
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import (
+    DoublePrecision,
+    HalfPrecision,
+    MixedPrecision,
+    Precision,
+)
+from omegaconf import OmegaConf
+
+from t2ilab import threads
+from t2ilab.build import build_trainer
+from t2ilab.checkpoints import AtomicCheckpointIO
+from t2ilab.errors import UserError
+from t2ilab.modules.base import DiffusionModule
+from t2ilab.optim import fused_where_possible
+
+
+def _adamw_partial(**kw):
+    cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, **kw})
+    return hydra.utils.instantiate(cfg)
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+
+
+@pytest.mark.parametrize(
+    "plugin, fused",
+    [
+        (None, True),  # no trainer: the benchmark's bare step
+        (Precision(), True),  # 32-true
+        (MixedPrecision("bf16-mixed", "cpu"), True),  # no gradient scaler
+        (HalfPrecision("bf16-true"), True),
+        (MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")), False),
+        (DoublePrecision(), False),  # not one the fused path was checked with
+    ],
+)
+def test_adamw_is_fused_where_the_precision_allows_it(plugin, fused):
+    optimizer = fused_where_possible(_adamw_partial(), plugin)(params=_params())
+    assert bool(optimizer.defaults.get("fused")) is fused
+
+
+def test_an_explicit_fused_setting_and_other_optimizers_are_left_alone():
+    kept = fused_where_possible(_adamw_partial(fused=False))(params=_params())
+    assert not kept.defaults["fused"]
+    sgd = hydra.utils.instantiate(
+        OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
+    )
+    assert fused_where_possible(sgd) is sgd
+    plain = functools.partial(torch.optim.AdamW, lr=1e-3)
+    assert fused_where_possible(plain).keywords == {"lr": 1e-3, "fused": True}
+
+
+def test_fused_adamw_takes_the_same_step_as_the_default_one():
+    torch.manual_seed(0)
+    a, b = _params(), None
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    fused_where_possible(_adamw_partial())(params=a).step()
+    _adamw_partial()(params=b).step()
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q)
+
+
+class _Holder:
+    """What configure_gradient_clipping reads of the module: its trainer's precision plugin."""
+
+    def __init__(self, plugin):
+        self.trainer = type("T", (), {"precision_plugin": plugin})()
+
+
+def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer():
+    params = _params()
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    optimizer = fused_where_possible(_adamw_partial())(params=params)
+    plugin = MixedPrecision("bf16-mixed", "cpu")
+    # Lightning's own path refuses (it cannot tell that no scaler is involved) ...
+    with pytest.raises(RuntimeError, match="fused"):
+        plugin.clip_gradients(optimizer, 1.0)
+    # ... the module's clips, to the requested norm.
+    DiffusionModule.configure_gradient_clipping(_Holder(plugin), optimizer, 1.0, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+# --- CPU threads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cores, load, ranks, expected",
+    [(2, 0.2, 1, 2), (2, 1.6, 1, 1), (2, 7.0, 1, 1), (16, 3.2, 1, 13), (16, 0.0, 4, 4)],
+)
+def test_auto_takes_the_free_cores(cores, load, ranks, expected):
+    chosen, reason = threads.choose_threads("auto", cores=cores, load=load, env={}, ranks=ranks)
+    assert chosen == expected
+    assert f"{cores} cores" in reason
+
+
+def test_an_explicit_thread_count_wins():
+    assert threads.choose_threads("auto", cores=8, load=0, env={"OMP_NUM_THREADS": "3"})[0] is None
+    assert threads.choose_threads(3, cores=8, load=0, env={"OMP_NUM_THREADS": "1"})[0] == 3
+    assert threads.choose_threads(None, env={})[0] is None
+
+
+@pytest.mark.parametrize("bad", ["many", 0, -2, 1.5, True])
+def test_a_bad_thread_setting_is_one_line(bad):
+    with pytest.raises(UserError, match=r"trainer.cpu_threads=") as err:
+        threads.choose_threads(bad, env={})
+    assert "\n" not in str(err.value)
+
+
+def test_threads_are_decided_once_per_process(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_chosen", {})
+    try:
+        assert threads.apply_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        assert threads.apply_cpu_threads(2) == 1  # a second run in the process keeps it
+        with pytest.raises(UserError):
+            threads.apply_cpu_threads("bogus")  # still checked every time
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_trainer_is_built_without_the_cpu_threads_key(tmp_path):
+    cfg = OmegaConf.create(
+        {
+            "paths": {"output_dir": str(tmp_path)},
+            "trainer": {
+                "_target_": "lightning.pytorch.Trainer",
+                "default_root_dir": "${paths.output_dir}",
+                "accelerator": "cpu",
+                "max_steps": 1,
+                "cpu_threads": "auto",
+                "enable_progress_bar": False,
+            },
+        }
+    )
+    trainer = build_trainer(cfg, loggers=[], callbacks=[])
+    assert trainer.max_steps == 1 and trainer.default_root_dir == str(tmp_path)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_is_streamed_to_disk_not_copied_in_memory(tmp_path):
+    """A 32 MiB tensor checkpoint: Python-side allocations while saving stay far below its size
+    (serialising into a BytesIO first allocated the whole file in memory)."""
+    checkpoint = {"global_step": 1, "w": torch.randn(8 * 2**20)}
+    tracemalloc.start()
+    try:
+        AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / "last.ckpt")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+    loaded = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.equal(loaded["w"], checkpoint["w"])
