@@ -169,3 +169,42 @@ def test_a_checkpoint_is_streamed_to_disk_not_copied_in_memory(tmp_path):
     assert peak < 4 * 2**20, peak
     loaded = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert torch.equal(loaded["w"], checkpoint["w"])
+
+
+# --- encoders that wait on the CPU ------------------------------------------------------------
+
+
+def _built_module(tmp_path, overrides):
+    from _support import FAST, compose_cfg
+
+    from t2ilab.build import build_module, prepare_data
+    from t2ilab.models.loading import load_components, load_tokenizer
+
+    cfg = compose_cfg(["experiment=dreambooth", "model=tiny_sd", *FAST, *overrides], tmp_path)
+    module_class = hydra.utils.get_class(cfg.method.module._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    datamodule.bind(tokenizer, seed=0)
+    backbone = load_components(cfg.model, tokenizer)
+    prepare_data(cfg, datamodule, backbone, module_class)
+    return build_module(cfg, backbone, datamodule)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], {"text_encoder", "vae"}),  # both caches on (the default)
+        (["data.cache.latents=false"], {"text_encoder"}),
+        (["data.cache.text=false"], {"vae"}),
+        (["data.random_flip=true"], {"text_encoder"}),  # random transform: nothing to cache
+    ],
+)
+def test_encoders_whose_features_are_cached_wait_on_the_cpu(tmp_path, overrides, expected):
+    module = _built_module(tmp_path, overrides)
+    names = {name for name, part in module.backbone.modules().items()}
+    offloaded = {
+        name
+        for name in names
+        if any(getattr(module, name) is part for part in module.offloaded_parts())
+    }
+    assert offloaded == expected

@@ -115,6 +115,7 @@ def build_module(
     module.prompt_vars = dict(prompt_vars or {})
     module.prompt_transform = prompt_transform
     module.offload_text_encoder = datamodule.text_from_cache
+    module.offload_vae = datamodule.latents_from_cache
     return module
 
 

@@ -146,6 +146,12 @@ class T2IDataModule(L.LightningDataModule):
         return False
 
     @property
+    def latents_from_cache(self) -> bool:
+        """True when training reads every image's latents from a cache: train.py then lets the
+        module move its VAE off the device during training."""
+        return False
+
+    @property
     def id2label(self) -> dict[int, str] | None:
         """{class id: name} of class-conditional data, which train.py gives the model so the
         export names its classes; None for prompt data."""

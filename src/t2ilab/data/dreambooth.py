@@ -305,6 +305,11 @@ class DreamBoothDataModule(T2IDataModule):
         """Whether training reads every prompt state from the cache (no text encoder needed)."""
         return self.text_features is not None
 
+    @property
+    def latents_from_cache(self) -> bool:
+        """Whether training reads every image's latents from the cache (no VAE needed)."""
+        return self.image_features is not None
+
     @torch.no_grad()
     def prepare_features(self, components, *, text_frozen: bool, **_unused) -> None:
         """Encode what does not change during training once: VAE posteriors of the images when

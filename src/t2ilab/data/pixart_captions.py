@@ -131,6 +131,11 @@ class PixArtCaptionDataModule(T2IDataModule):
         """Whether training reads every T5 state from the feature cache (no T5 needed)."""
         return self.cache.text
 
+    @property
+    def latents_from_cache(self) -> bool:
+        """Whether training reads every latent from the feature cache (no VAE needed)."""
+        return bool(self.cache.latents)
+
     def prepare_features(
         self, components, model_key: dict, vae_factor: int, patch_size: int, **_unused
     ) -> None:

@@ -97,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         # Set when every prompt state comes from a cache: the text encoder then waits on the CPU
         # during training, and comes back to the device only for sampling/eval/export.
         self.offload_text_encoder = False
+        self.offload_vae = False  # likewise the VAE, when every latent comes from a cache
         self.ema_callback = None  # set by t2ilab.callbacks.ema.EMACallback
         self._calls_without_trainer = 0
         # What trained this module (settings, resumes): stamped into every checkpoint.
@@ -277,23 +278,31 @@ class DiffusionModule(L.LightningModule):
         # train() puts what is trained in train mode (dropout, the DiT's label dropout that
         # trains its null class for guidance) and keeps the frozen parts in eval mode.
         self.train()
-        if self.offload_text_encoder and self.device.type != "cpu":
-            for encoder in self.backbone.text_encoders:
-                encoder.to("cpu")  # prompt states come from the cache: free its device memory
+        if self.device.type != "cpu" and self.offloaded_parts():
+            for part in self.offloaded_parts():
+                part.to("cpu")  # its features come from the cache: free its device memory
             torch.cuda.empty_cache()
+
+    def offloaded_parts(self) -> list[nn.Module]:
+        """Frozen encoders whose every output training reads from a feature cache: they wait on
+        the CPU while training runs (offload_text_encoder, offload_vae)."""
+        parts = list(self.backbone.text_encoders) if self.offload_text_encoder else []
+        if self.offload_vae and not any(p.requires_grad for p in self.vae.parameters()):
+            parts.append(self.vae)
+        return parts
 
     @contextmanager
     def for_inference(self) -> Iterator[None]:
         """The module as sampling, evaluation and export should see it: the EMA weights when
-        EMA is on, and an offloaded text encoder back on the module's device."""
+        EMA is on, and offloaded encoders back on the module's device."""
         with ExitStack() as stack:
             if self.ema_callback is not None and self.ema_callback.ema is not None:
                 stack.enter_context(self.ema_callback.swapped_in(self))
-            for encoder in self.backbone.text_encoders:
-                on_cpu = next(encoder.parameters()).device.type == "cpu"
-                if self.offload_text_encoder and on_cpu and self.device.type != "cpu":
-                    encoder.to(self.device)
-                    stack.callback(encoder.to, "cpu")
+            for part in self.offloaded_parts():
+                on_cpu = next(part.parameters()).device.type == "cpu"
+                if on_cpu and self.device.type != "cpu":
+                    part.to(self.device)
+                    stack.callback(part.to, "cpu")
             yield
 
     # --- optimisation and checkpoints ---------------------------------------------------------
