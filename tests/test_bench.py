@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers import AutoencoderKL
 
 from t2ilab import bench
@@ -78,3 +79,41 @@ def test_sd15_shape_has_sd15_parameter_counts():
     assert count(components.unet) == 859_520_964
     assert count(components.vae) == 83_653_863
     assert count(components.text_encoder) == 123_060_480
+
+
+def test_step_flops_are_the_denoisers_forward_and_backward():
+    """FLOPs of the step, counted by FlopCounterMode: with the cache, about 3x the UNet's forward
+    (backward costs two forwards, less the input gradient of the first layer); without it, the
+    VAE encoder's and text encoder's forwards more, which are frozen (no backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    module = bench.build_module(bench.build_components("tiny_sd"), "full")
+    device = torch.device("cpu")
+    cached = bench.make_batch(module, 2, 64, device, cache=True)
+    step = bench.step_flops(module, cached, device, None)
+
+    def counted(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    latents = torch.randn_like(cached["latent_mean"])
+    unet_forward = counted(
+        lambda: module.unet(latents, torch.tensor([1, 2]), cached["prompt_embeds"])
+    )
+    assert 2.7 * unet_forward < step <= 3.0 * unet_forward
+
+    uncached = bench.make_batch(module, 2, 64, device, cache=False)
+    encoders = counted(lambda: module.vae.encode(uncached["pixel_values"])) + counted(
+        lambda: module.text_encoder(uncached["input_ids"])
+    )
+    extra = bench.step_flops(module, uncached, device, None) - step
+    assert extra == pytest.approx(encoders, rel=0.02)
+
+
+def test_mfu_uses_the_given_peak():
+    cpu = torch.device("cpu")
+    assert bench.mfu(2e12, cpu, peak_tflops=4.0) == pytest.approx(0.5)
+    assert bench.mfu(2e12, cpu, peak_tflops=None) is None  # no known peak for a CPU

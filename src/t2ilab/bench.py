@@ -163,6 +163,43 @@ def make_batch(module, batch_size: int, resolution: int, device: torch.device, c
     }
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets; MFU
+# is the step's counted FLOPs per second over this. --peak-tflops gives any other device's.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0,
+                    "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # fmt: skip
+
+
+def peak_tflops_of(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def mfu(flops_per_s: float, device: torch.device, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: counted FLOPs per second over the device's dense bf16 peak."""
+    peak = peak_tflops or peak_tflops_of(device)
+    return flops_per_s / (peak * 1e12) if peak else None
+
+
+def step_flops(module, batch, device: torch.device, autocast_dtype) -> float:
+    """FLOPs of one training step's forward and backward, counted by torch's FlopCounterMode
+    (matmuls, convolutions and attention: what the accelerator's peak is quoted for). The
+    optimizer's elementwise update is not counted, as MFU conventionally leaves it out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _ = module.diffusion_loss(batch)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -210,6 +247,7 @@ def run_benchmark(
     cache: bool = False,
     device: str | None = None,
     seed: int = 0,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Time `steps` training steps after `warmup` untimed ones; one row of the results table."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -244,6 +282,7 @@ def run_benchmark(
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    flops = step_flops(module, batch, device, autocast_dtype)
     for _ in range(warmup):
         step()
     _synchronize(device)
@@ -278,6 +317,9 @@ def run_benchmark(
         "peak_mem_mib": peak_mib,
         "peak_mem_kind": peak_kind,
         "trainable_params": trainable,
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops * steps / elapsed / 1e12,
+        "mfu": mfu(flops * steps / elapsed, device, peak_tflops),
         "final_loss": float(loss.detach()),
         "device": _device_name(device),
         "threads": torch.get_num_threads(),
@@ -295,11 +337,15 @@ COLUMNS = (
     ("steps/s", "steps_per_s"),
     ("samples/s", "samples_per_s"),
     ("peak mem MiB", "peak_mem_mib"),
+    ("TFLOP/step", "tflop_per_step"),
+    ("MFU", "mfu"),
     ("device", "device"),
 )
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -338,6 +384,8 @@ def _single_args(args, batch_size: int, ckpt: bool, cache: bool, out: str) -> li
         argv += ["--resolution", str(args.resolution)]
     if args.device:
         argv += ["--device", args.device]
+    if args.peak_tflops:
+        argv += ["--peak-tflops", str(args.peak_tflops)]
     if ckpt:
         argv.append("--gradient-checkpointing")
     if cache:
@@ -392,6 +440,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", action="store_true", help="precomputed latents and embeddings")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak for MFU (known GPUs: looked up)",
+    )
     parser.add_argument("--out", default=None, help="write rows + environment as JSON here")
     parser.add_argument("--grid", action="store_true", help="cache x grad ckpt x --batch-sizes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="for --grid")
@@ -422,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache=args.cache,
                 device=args.device,
                 seed=args.seed,
+                peak_tflops=args.peak_tflops,
             )
         ]
     _check_rows(rows)
