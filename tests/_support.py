@@ -27,6 +27,7 @@ FAST = [
     "callbacks.samples.every_n_steps=0",
     "callbacks.samples.images_per_prompt=1",
     "logger=csv",
+    "trainer.log_every_n_steps=1",  # every step of these short runs reaches the logger
     # Two prompts, two images each (DIV needs pairs), two sampling steps.
     "eval.prompts=['a {identifier} {class_noun}','a {identifier} {class_noun} in the snow']",
     "eval.images_per_prompt=2",

@@ -208,3 +208,36 @@ def test_encoders_whose_features_are_cached_wait_on_the_cpu(tmp_path, overrides,
         if any(getattr(module, name) is part for part in module.offloaded_parts())
     }
     assert offloaded == expected
+
+
+# --- logging cadence --------------------------------------------------------------------------
+
+
+def test_loggers_get_every_tenth_step_and_the_loss_parts_only_then(tmp_path):
+    """The default trainer.log_every_n_steps=10: a 12-step run writes step 9's metrics, loss
+    parts and LR included, and nothing else (each extra self.log is Lightning bookkeeping)."""
+    import csv
+
+    from _support import run_train
+
+    run_dir = tmp_path / "run"
+    done = run_train(
+        [
+            "experiment=dreambooth",
+            "model=tiny_sd",
+            "trainer.max_steps=12",
+            "method.num_class_images=2",
+            "sampling.num_inference_steps=2",
+            "callbacks.samples.every_n_steps=0",
+            "callbacks.samples.at_end=false",
+            "eval=none",
+            "logger=csv",
+            "export.enabled=false",
+        ],
+        run_dir,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "csv/version_0/metrics.csv")))
+    logged = [r for r in rows if r.get("train/loss")]
+    assert [int(r["step"]) for r in logged] == [9]
+    assert logged[0]["train/lr"] and logged[0]["train/instance_loss"]
