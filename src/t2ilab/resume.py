@@ -32,6 +32,7 @@ _MAY_CHANGE = (
     "method.module.lr_scheduler.",  # e.g. num_training_steps follows trainer.max_steps
     "method.gradient_checkpointing",
     "method.compile",
+    "method.channels_last",
     "data.num_workers",
 )
 _FIXED = ("model.", "method.", "noise.", "data.", "subject.")

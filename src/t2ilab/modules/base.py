@@ -72,11 +72,13 @@ class DiffusionModule(L.LightningModule):
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        channels_last: bool = False,
         seed: int = 0,
     ):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_backbone = compile
+        self.channels_last = channels_last
         self.noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
         scheduler_config = backbone.scheduler_config
         self.noise_scheduler = build_noise_scheduler(scheduler_config, self.noise)
@@ -320,6 +322,10 @@ class DiffusionModule(L.LightningModule):
         if self.gradient_checkpointing and not getattr(self, "_checkpointing_on", False):
             self.denoiser.enable_gradient_checkpointing()
             self._checkpointing_on = True
+        if self.channels_last:
+            # 4-D weights (a UNet's convolutions) in NHWC: tensor cores' native layout, so
+            # cuDNN skips the transposes around each convolution; other weights are unchanged.
+            self.denoiser.to(memory_format=torch.channels_last)
         if self.compile_backbone and not getattr(self, "_compiled", False):
             self.denoiser.compile()  # in place: parameter names (and checkpoints) are unchanged
             self._compiled = True
