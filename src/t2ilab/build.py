@@ -161,6 +161,15 @@ def ranks_on_this_machine(cfg: DictConfig) -> int:
     return devices if isinstance(devices, int) and devices > 0 else 1
 
 
+def release_training_state(trainer: L.Trainer, module: DiffusionModule) -> None:
+    """Once fit has returned (its last checkpoint holds them), drop the optimizer's moments and
+    the last step's gradients, so that the export works in the memory they held instead of
+    adding to the run's peak (experiments/benchmarks: +54 MiB over the training peak before)."""
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+    module.zero_grad(set_to_none=True)
+
+
 def checkpoint_plugins(cfg: DictConfig) -> list:
     """Checkpoints written whole or not at all (t2ilab.checkpoints); DeepSpeed writes its own."""
     strategy = cfg.trainer.get("strategy") or {}

@@ -26,6 +26,7 @@ from t2ilab.build import (
     log_parameter_counts,
     prepare_data,
     ranks_on_this_machine,
+    release_training_state,
 )
 from t2ilab.checkpoints import inspect_checkpoint
 from t2ilab.compat import check_data_fits_model, check_method_fits_model
@@ -182,6 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pin_job_for_lightning_ranks()
     with rank_scope():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
+    release_training_state(trainer, module)
 
     metrics = {}
     if "train/loss" in trainer.callback_metrics:
