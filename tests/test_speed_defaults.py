@@ -75,6 +75,16 @@ def test_fused_adamw_takes_the_same_step_as_the_default_one():
         torch.testing.assert_close(p, q)
 
 
+def test_the_config_opts_out_of_the_fused_step(tmp_path):
+    from _support import compose_cfg
+
+    overrides = ["experiment=dreambooth", "model=tiny_sd", "+method.module.optimizer.fused=false"]
+    cfg = compose_cfg(overrides, tmp_path)
+    factory = hydra.utils.instantiate(cfg.method.module.optimizer)
+    optimizer = fused_where_possible(factory, Precision())(params=_params())
+    assert optimizer.defaults["fused"] is False
+
+
 class _Holder:
     """What configure_gradient_clipping reads of the module: its trainer's precision plugin."""
 
@@ -241,3 +251,44 @@ def test_loggers_get_every_tenth_step_and_the_loss_parts_only_then(tmp_path):
     logged = [r for r in rows if r.get("train/loss")]
     assert [int(r["step"]) for r in logged] == [9]
     assert logged[0]["train/lr"] and logged[0]["train/instance_loss"]
+
+
+# --- channels-last ----------------------------------------------------------------------------
+
+
+def test_channels_last_puts_the_unet_convolutions_in_nhwc_and_keeps_the_loss():
+    from t2ilab import bench
+    from t2ilab.modules.step_random import StepRandom
+
+    losses = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = bench.build_module(bench.build_components("tiny_sd"), "full")
+        module.channels_last = channels_last
+        module.configure_model()
+        convs = [  # 1x1 kernels are contiguous in both layouts
+            m.weight
+            for m in module.unet.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+        ]
+        nhwc = [w.is_contiguous(memory_format=torch.channels_last) for w in convs]
+        assert all(nhwc) if channels_last else not any(nhwc)
+        batch = bench.make_batch(module, 2, 64, torch.device("cpu"), cache=True)
+        loss, _ = module.diffusion_loss(batch, StepRandom(0, (1,)))
+        loss.backward()
+        losses[channels_last] = (loss.detach(), module.unet.conv_in.weight.grad.clone())
+    torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[True][1], losses[False][1], rtol=1e-4, atol=1e-6)
+
+
+def test_after_fit_the_optimizer_state_and_gradients_are_released():
+    from t2ilab.build import release_training_state
+
+    module = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    assert optimizer.state and module.weight.grad is not None
+    trainer = type("T", (), {"optimizers": [optimizer]})()
+    release_training_state(trainer, module)
+    assert not optimizer.state and module.weight.grad is None and module.bias.grad is None
