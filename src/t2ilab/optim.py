@@ -29,7 +29,7 @@ def adamw_8bit(params, **kwargs):
 def fused_where_possible(factory: Callable, precision_plugin: Any = None) -> Callable:
     """`factory` (a Hydra partial) with `fused=True` added for torch's Adam and AdamW when the
     run's precision lets the fused kernel take the step; as it was otherwise, or when the config
-    sets `fused` itself (method.module.optimizer.fused=false turns it off).
+    sets `fused` itself (+method.module.optimizer.fused=false turns it off).
 
     The fused kernel updates every parameter in one call: 3.5x faster than torch's CPU default
     (the per-tensor loop) on an 18M-parameter UNet, ~7% of a whole step (experiments/benchmarks),
