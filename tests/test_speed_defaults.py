@@ -5,6 +5,7 @@ checkpoints streamed to disk instead of serialised in memory first."""
 from __future__ import annotations
 
 import functools
+import time
 import tracemalloc
 
 import hydra
@@ -292,3 +293,25 @@ def test_after_fit_the_optimizer_state_and_gradients_are_released():
     trainer = type("T", (), {"optimizers": [optimizer]})()
     release_training_state(trainer, module)
     assert not optimizer.state and module.weight.grad is None and module.bias.grad is None
+
+
+def test_busy_elsewhere_counts_a_busy_neighbour():
+    """A process spinning on a core is one runnable task besides this one."""
+    import multiprocessing
+
+    if threads.busy_elsewhere() is None:
+        pytest.skip("no /proc/loadavg here")
+    before = threads.busy_elsewhere(samples=10)
+    spinner = multiprocessing.Process(target=_spin, daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.5)
+        during = threads.busy_elsewhere(samples=10)
+    finally:
+        spinner.terminate()
+    assert during >= before + 0.5
+
+
+def _spin() -> None:
+    while True:
+        pass

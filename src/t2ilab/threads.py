@@ -1,10 +1,12 @@
 """How many CPU threads torch's intra-op work uses: `trainer.cpu_threads`.
 
 torch starts one OpenMP thread per core. On a machine whose cores other jobs are using, its
-threads wait on each other at every parallel region, and a step can take ten times longer than
-with one thread (experiments/benchmarks/README.md, "Threads"). `auto` takes the cores that are
-free: the cores this process may run on, less the 1-minute load average, split over the ranks
-that share the machine, at least one. An explicit OMP_NUM_THREADS or MKL_NUM_THREADS is the
+threads wait on each other at every parallel region, and a step can take several times longer
+than with one thread (experiments/benchmarks/README.md, "Threads"). `auto` takes the cores that
+are free: the cores this process may run on, less the tasks running elsewhere right now (the
+kernel's count of runnable tasks, sampled a few times; the 1-minute load average where there is
+no /proc, which also counts a run that just ended), split over the ranks that share the
+machine, at least one. An explicit OMP_NUM_THREADS or MKL_NUM_THREADS is the
 user's choice and is kept; a number sets that many threads; `null` leaves torch's default.
 
 The count is decided once per process (a multirun or a test session keeps the first choice), so
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,20 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def busy_elsewhere(samples: int = 5, interval_s: float = 0.04) -> float | None:
+    """Runnable tasks other than this process's one thread, averaged over a few instants (the
+    running count in /proc/loadavg); None where there is no /proc."""
+    counts = []
+    try:
+        for i in range(samples):
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+            if i + 1 < samples:
+                time.sleep(interval_s)
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0.0, sum(counts) / len(counts) - 1)
 
 
 def free_cores(cores: int, load: float, ranks: int = 1) -> int:
@@ -67,10 +85,13 @@ def choose_threads(
         if env.get(key):
             return None, f"{key}={env[key]} set: kept"
     cores = usable_cores() if cores is None else cores
+    source = "busy elsewhere"
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = busy_elsewhere()
+    if load is None:
+        load, source = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), "load average"
     threads = free_cores(cores, load, ranks)
-    return threads, f"auto: {cores} cores, load {load:.1f}, {ranks} rank(s) on this machine"
+    return threads, f"auto: {cores} cores, {load:.1f} {source}, {ranks} rank(s) on this machine"
 
 
 def apply_cpu_threads(setting: Any, ranks: int = 1) -> int:
