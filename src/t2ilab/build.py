@@ -168,6 +168,23 @@ def release_training_state(trainer: L.Trainer, module: DiffusionModule) -> None:
     for optimizer in trainer.optimizers:
         optimizer.state.clear()
     module.zero_grad(set_to_none=True)
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim): CPU tensors below glibc's
+    mmap threshold live on the heap, and their freed pages would otherwise stay resident, so the
+    export's new buffers would still land above them."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: macOS, musl, Windows
+        pass
 
 
 def checkpoint_plugins(cfg: DictConfig) -> list:
