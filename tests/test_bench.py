@@ -47,8 +47,9 @@ def test_cache_skips_vae(monkeypatch, cache):
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
     row = bench.run_benchmark(steps=2, warmup=1, cache=cache, method="lora", device="cpu")
-    # With the cache the VAE runs once, before timing (to fill it); without, once per step.
-    assert len(calls) == (1 if cache else 3)
+    # With the cache the VAE runs once, before timing (to fill it); without, once per step
+    # (the FLOP count's untimed step, 1 warm-up, 2 timed).
+    assert len(calls) == (1 if cache else 4)
     assert row["cache"] is cache and row["method"] == "lora"
     _assert_positive_finite(row)
 
