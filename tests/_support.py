@@ -28,6 +28,10 @@ FAST = [
     "callbacks.samples.images_per_prompt=1",
     "logger=csv",
     "trainer.log_every_n_steps=1",  # every step of these short runs reaches the logger
+    # torch's own thread count whatever the load: repeated runs compare bit for bit
+    # (cpu_threads=auto may choose differently for two runs on a machine whose load changes),
+    # and a run inside the test process leaves that process's threads as they were.
+    "trainer.cpu_threads=null",
     # Two prompts, two images each (DIV needs pairs), two sampling steps.
     "eval.prompts=['a {identifier} {class_noun}','a {identifier} {class_noun} in the snow']",
     "eval.images_per_prompt=2",

@@ -11,7 +11,7 @@ import pytest
 from _support import CONF, FAST, ROOT
 from omegaconf import OmegaConf
 
-from t2ilab.build import build_module
+from t2ilab.build import build_module, build_trainer
 from t2ilab.loggers import build_loggers
 from t2ilab.models.loading import load_components
 from t2ilab.modules.base import DiffusionModule
@@ -41,7 +41,7 @@ def test_experiment_composes_and_instantiates(experiment, make_cfg):
     assert optimizer.param_groups[0]["initial_lr"] == cfg.method.lr  # before any warmup
     assert isinstance(datamodule, L.LightningDataModule)
     datamodule.check()  # the bundled example data passes the checks
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=[])
+    trainer = build_trainer(cfg, build_loggers(cfg), callbacks=[])
     assert isinstance(trainer, L.Trainer)
     for callback in cfg.callbacks.values():
         hydra.utils.instantiate(callback)

@@ -225,6 +225,7 @@ def test_encoders_whose_features_are_cached_wait_on_the_cpu(tmp_path, overrides,
 # --- logging cadence --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loggers_get_every_tenth_step_and_the_loss_parts_only_then(tmp_path):
     """The default trainer.log_every_n_steps=10: a 12-step run writes step 9's metrics, loss
     parts and LR included, and nothing else (each extra self.log is Lightning bookkeeping)."""
@@ -337,3 +338,16 @@ def test_freed_tensor_memory_goes_back_to_the_os():
     held = _rss_mib()
     return_freed_memory()
     assert _rss_mib() < held - 100
+
+
+def test_a_resumed_run_keeps_the_checkpoints_thread_count(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_chosen", {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        assert threads.apply_cpu_threads("auto", resumed=1) == 1
+        monkeypatch.setattr(threads, "_chosen", {})
+        assert threads.apply_cpu_threads(2, resumed=1) == 2  # an explicit count wins
+    finally:
+        torch.set_num_threads(before)

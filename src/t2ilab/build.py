@@ -30,6 +30,7 @@ from t2ilab.models.backbone import Backbone
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.modules.base import DiffusionModule
 from t2ilab.resume import ApplyResumedSettings
+from t2ilab.threads import lightning_trainer_config
 
 log = logging.getLogger("t2ilab.train")
 
@@ -143,16 +144,12 @@ def build_callbacks(
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
-    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in OUR_KEYS:
-        settings.pop(key, None)
     return hydra.utils.instantiate(
-        settings, logger=loggers, callbacks=callbacks, plugins=checkpoint_plugins(cfg)
+        lightning_trainer_config(cfg.trainer),
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=checkpoint_plugins(cfg),
     )
-
-
-# trainer.* keys that are t2ilab's, not Lightning Trainer arguments.
-OUR_KEYS = ("cpu_threads",)
 
 
 def ranks_on_this_machine(cfg: DictConfig) -> int:

@@ -28,6 +28,9 @@ from t2ilab.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# trainer.* keys that are t2ilab's, not arguments of Lightning's Trainer.
+TRAINER_KEYS = ("cpu_threads",)
+
 ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _chosen: dict[str, Any] = {}
 
@@ -94,12 +97,26 @@ def choose_threads(
     return threads, f"auto: {cores} cores, {load:.1f} {source}, {ranks} rank(s) on this machine"
 
 
-def apply_cpu_threads(setting: Any, ranks: int = 1) -> int:
-    """Set torch's intra-op threads per `setting` (once per process); the count in force."""
+def apply_cpu_threads(setting: Any, ranks: int = 1, resumed: int | None = None) -> int:
+    """Set torch's intra-op threads per `setting` (once per process); the count in force.
+    `resumed`: the count the checkpoint's run used, which `auto` keeps, so that a resumed run
+    computes exactly as the uninterrupted one would have."""
     threads, reason = choose_threads(setting, ranks=ranks)  # a bad setting fails every time
+    if setting == "auto" and threads is not None and resumed:
+        threads, reason = int(resumed), "auto: as in the run this one resumes"
     if "threads" not in _chosen:
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         _chosen["threads"] = torch.get_num_threads()
         log.info("cpu threads: %d (%s)", _chosen["threads"], reason)
     return _chosen["threads"]
+
+
+def lightning_trainer_config(trainer_cfg: Any) -> dict[str, Any]:
+    """The `trainer` block as Lightning's Trainer takes it: resolved, without t2ilab's keys."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key in TRAINER_KEYS:
+        settings.pop(key, None)
+    return settings

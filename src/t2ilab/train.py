@@ -150,7 +150,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_alignment_matches_model(cfg)
     check_ema(cfg)
     check_devices(cfg)  # this machine
-    apply_cpu_threads(cfg.trainer.get("cpu_threads"), ranks_on_this_machine(cfg))
     check_outputs_apart_from_data(cfg)  # the files: the user's and the run's
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.check()
@@ -158,6 +157,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_data_fits_model(cfg, datamodule)
     check_export_dir(cfg)
     resume = plan_resume(cfg)
+    # A resume keeps the checkpoint's thread count under `auto`: the same arithmetic, bit for bit.
+    threads = apply_cpu_threads(
+        cfg.trainer.get("cpu_threads"), ranks_on_this_machine(cfg), resumed=resume.threads
+    )
 
     tokenizer = load_tokenizer(cfg.model)
     # A method may add tokens (textual inversion) and rewrite prompts to use them.
@@ -170,7 +173,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     init_from_previous_stage(cfg, components)
     prepare_data(cfg, datamodule, components, module_class)
     module = build_module(cfg, components, datamodule, prompt_vars, prompt_transform)
-    module.run_record = {"settings": settings_of(cfg), "resumes": resume.history}
+    module.run_record = {
+        "settings": settings_of(cfg),
+        "resumes": resume.history,
+        "cpu_threads": threads,
+    }
 
     loggers = build_loggers(cfg)
     changes = resume.changes if resume.ckpt_path else None
@@ -221,6 +228,7 @@ class ResumePlan:
     changes: dict[str, list[Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
+    threads: int | None = None  # torch's CPU threads in the checkpoint's run
 
 
 def plan_resume(cfg: DictConfig) -> ResumePlan:
@@ -239,7 +247,8 @@ def plan_resume(cfg: DictConfig) -> ResumePlan:
     history = list(record.get("resumes", []))
     if changes:
         history.append({"step": record["global_step"], "changed": changes})
-    return ResumePlan(path, changes, history, record["global_step"])
+    threads = record.get("cpu_threads")
+    return ResumePlan(path, changes, history, record["global_step"], threads)
 
 
 def keep_previous_export(cfg: DictConfig, resume: ResumePlan) -> None:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, instantiate_dict
 from t2ilab.runner import run_task
+from t2ilab.threads import lightning_trainer_config
 from t2ilab.utils.atomic import atomic_directory, save_image_atomic, write_json_atomic
 
 log = logging.getLogger("t2ilab.toy")
@@ -93,7 +94,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         collate_fn=module.collate,
     )
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=build_loggers(cfg), callbacks=instantiate_dict(cfg.get("callbacks"))
+        lightning_trainer_config(cfg.trainer),  # threads: num_threads above
+        logger=build_loggers(cfg),
+        callbacks=instantiate_dict(cfg.get("callbacks")),
     )
     parameters = sum(p.numel() for p in module.model.parameters())
     log.info("%s: %s parameters", recipe.name, f"{parameters:,}")
