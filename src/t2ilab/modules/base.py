@@ -288,9 +288,10 @@ class DiffusionModule(L.LightningModule):
         # train() puts what is trained in train mode (dropout, the DiT's label dropout that
         # trains its null class for guidance) and keeps the frozen parts in eval mode.
         self.train()
-        if self.device.type != "cpu" and self.offloaded_parts():
-            for part in self.offloaded_parts():
-                part.to("cpu")  # its features come from the cache: free its device memory
+        offloaded = self.offloaded_parts() if self.device.type != "cpu" else []
+        for part in offloaded:
+            part.to("cpu")  # its features come from the cache: free its device memory
+        if offloaded:
             torch.cuda.empty_cache()
 
     def offloaded_parts(self) -> list[nn.Module]:
