@@ -101,9 +101,7 @@ def test_step_flops_are_the_denoisers_forward_and_backward():
         return counter.get_total_flops()
 
     latents = torch.randn_like(cached["latent_mean"])
-    unet_forward = counted(
-        lambda: module.unet(latents, torch.tensor([1, 2]), cached["prompt_embeds"])
-    )
+    unet_forward = counted(lambda: module.unet(latents, torch.tensor([1, 2]), cached["condition"]))
     assert 2.7 * unet_forward < step <= 3.0 * unet_forward
 
     uncached = bench.make_batch(module, 2, 64, device, cache=False)
@@ -118,3 +116,40 @@ def test_mfu_uses_the_given_peak():
     cpu = torch.device("cpu")
     assert bench.mfu(2e12, cpu, peak_tflops=4.0) == pytest.approx(0.5)
     assert bench.mfu(2e12, cpu, peak_tflops=None) is None  # no known peak for a CPU
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_tiny_pixart_step_is_timed(method):
+    """The PixArt family's step (transformer on T5 features with their mask) through the same
+    timer: with the cache, the text encoder does not run in the timed steps."""
+    row = bench.run_benchmark(
+        model="tiny_pixart", method=method, steps=2, warmup=1, cache=True, device="cpu"
+    )
+    assert row["model"] == "tiny_pixart" and row["resolution"] == 64
+    _assert_positive_finite(row)
+    assert row["tflop_per_step"] > 0
+
+
+def test_pixart_alpha_512_shape_is_the_real_transformer():
+    """PixArt-XL-2's transformer: the real config's keys and values (real_shapes_pixart has the
+    published Sigma-512 one; alpha-512 shares the architecture), 0.61B parameters as the paper
+    states, counted on the meta device so nothing is allocated; the stand-in text encoder has
+    T5-XXL's width, which is what the transformer's caption projection reads."""
+    from diffusers import PixArtTransformer2DModel
+    from real_shapes_pixart import SIGMA_512_TRANSFORMER
+
+    tiny = bench.PIXART_ALPHA_512_SHAPE["tiny"]
+    for key, value in tiny["transformer"].items():
+        assert SIGMA_512_TRANSFORMER[key] == value, key
+    with torch.device("meta"):
+        transformer = PixArtTransformer2DModel(**tiny["transformer"])
+    assert sum(p.numel() for p in transformer.parameters()) == 610_856_096
+    assert tiny["text_encoder"]["d_model"] == tiny["transformer"]["caption_channels"] == 4096
+    assert tiny["vae"] == bench.SD15_SHAPE["vae"]
+
+
+def test_pixart_alpha_512_shape_needs_the_cache():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "pixart_alpha_512_shape", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--cache"):
+        bench.run_benchmark(model="pixart_alpha_512_shape", cache=False, device="cpu")

@@ -2,13 +2,16 @@
 
     python -m t2ilab.bench --model tiny_sd --method full --steps 20
     python -m t2ilab.bench --model sd15_shape --precision bf16 --grid --batch-sizes 1 4
+    python -m t2ilab.bench --model pixart_alpha_512_shape --precision bf16 --cache --batch-size 4
 
 One timed step is exactly what training runs (`DiffusionModule.diffusion_loss`, backward,
 optimizer step), without Lightning around it, so the figures are the model's and the step's, not
 the loop's. `--cache` feeds precomputed VAE posteriors and prompt embeddings (what a feature cache
 gives training), so the step skips the VAE and the text encoder. `sd15_shape` is Stable Diffusion
 1.5's architecture with random weights (nothing is downloaded): right for speed and memory, not for
-images.
+images. `pixart_alpha_512_shape` is PixArt-XL-2-512x512's transformer and VAE with random weights;
+PixArt trains on cached T5-XXL features, so its text encoder is a one-layer stand-in of T5-XXL's
+width (4096) that only produces cache-shaped features, and it runs with `--cache` only.
 
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated()` over the timed steps; on CPU the
 process's peak resident set size (max RSS, which includes building the model and the warm-up
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 
-MODELS = ("tiny_sd", "sd15_shape")
+MODELS = ("tiny_sd", "sd15_shape", "tiny_pixart", "pixart_alpha_512_shape")
 METHODS = ("full", "lora")
 PRECISIONS = ("32", "bf16", "fp16")
 PROMPT = "a photo of sks toy"
@@ -97,7 +100,66 @@ SD15_SHAPE: dict[str, Any] = {
         "steps_offset": 1,
     },
 }
-DEFAULT_RESOLUTION = {"tiny_sd": 64, "sd15_shape": 512}
+
+# PixArt-alpha/PixArt-XL-2-512x512 as t2ilab's tiny-model format builds it: the real transformer
+# and VAE configs; T5-XXL's width (4096) in a one-layer stand-in, since training reads cached T5
+# features (the real encoder's 4.7B parameters would only fill memory in a timing run).
+PIXART_ALPHA_512_SHAPE: dict[str, Any] = {
+    "name": "pixart_alpha_512_shape",
+    "family": "pixart",
+    "pretrained": None,
+    "resolution": 512,
+    "patch_size": 2,
+    "max_length": 120,
+    "tiny": {
+        "seed": 0,
+        "transformer": {
+            "activation_fn": "gelu-approximate",
+            "attention_bias": True,
+            "attention_head_dim": 72,
+            "caption_channels": 4096,
+            "cross_attention_dim": 1152,
+            "dropout": 0.0,
+            "in_channels": 4,
+            "norm_elementwise_affine": False,
+            "norm_eps": 1e-6,
+            "norm_type": "ada_norm_single",
+            "num_attention_heads": 16,
+            "num_embeds_ada_norm": 1000,
+            "num_layers": 28,
+            "out_channels": 8,
+            "patch_size": 2,
+            "sample_size": 64,
+            "use_additional_conditions": False,
+        },
+        "vae": dict(SD15_SHAPE["vae"]),  # sd-vae-ft-ema: SD's VAE
+        "text_encoder": {  # width of T5 v1.1 XXL, depth 1: shapes the cached features only
+            "vocab_size": 384,
+            "d_model": 4096,
+            "d_ff": 64,
+            "d_kv": 64,
+            "num_heads": 1,
+            "num_layers": 1,
+            "feed_forward_proj": "gated-gelu",
+        },
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "beta_schedule": "linear",
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+        },
+    },
+}
+# Models whose text encoder is a stand-in: only the cached step is theirs.
+CACHE_ONLY = {"pixart_alpha_512_shape"}
+DEFAULT_RESOLUTION = {
+    "tiny_sd": 64,
+    "sd15_shape": 512,
+    "tiny_pixart": 64,
+    "pixart_alpha_512_shape": 512,
+}
 
 
 def _conf_dir() -> Path:
@@ -111,27 +173,30 @@ def _conf_dir() -> Path:
 
 
 def build_components(model: str):
-    """The model's components (UNet, VAE, text encoder, tokenizer, scheduler config) on CPU."""
+    """The model's backbone (denoiser, VAE, text encoder, tokenizer, scheduler config) on CPU."""
     from omegaconf import OmegaConf
 
-    from t2ilab.models.loading import build_tiny_sd, load_sd_components
+    from t2ilab.models.loading import build_tiny_sd, load_components
 
-    if model == "tiny_sd":
-        return load_sd_components(OmegaConf.load(_conf_dir() / "model" / "tiny_sd.yaml"))
+    if model in ("tiny_sd", "tiny_pixart"):
+        return load_components(OmegaConf.load(_conf_dir() / "model" / f"{model}.yaml"))
     if model == "sd15_shape":
         return build_tiny_sd(SD15_SHAPE)
+    if model == "pixart_alpha_512_shape":
+        return load_components(PIXART_ALPHA_512_SHAPE)
     raise ValueError(f"model must be one of {MODELS}, not {model!r}")
 
 
 def build_module(components, method: str, steps: int = 10):
     """The method's module as train.py builds it: from conf/method (full: DreamBooth's
-    optimizer; lora: rank 4), on the given backbone."""
+    optimizer on a UNet, PixArt's on a transformer; lora: rank 4), on the given backbone."""
     from omegaconf import OmegaConf
 
     from t2ilab.compat import method_config
     from t2ilab.modules.base import DiffusionModule
 
-    names = {"full": "dreambooth", "lora": "lora"}
+    full = "pixart" if components.family == "pixart" else "dreambooth"
+    names = {"full": full, "lora": "lora"}
     if method not in names:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     cfg = OmegaConf.create(
@@ -141,8 +206,8 @@ def build_module(components, method: str, steps: int = 10):
 
 
 def make_batch(module, batch_size: int, resolution: int, device: torch.device, cache: bool):
-    """Random images and a fixed prompt; with `cache`, their VAE posterior and text embeddings
-    computed once here, as a feature cache would hand them to training."""
+    """Random images and a fixed prompt; with `cache`, their VAE posterior and the text
+    encoder's condition computed once here, as a feature cache would hand them to training."""
     pixels = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
     input_ids = module.tokenizer(
         [PROMPT] * batch_size,
@@ -155,12 +220,8 @@ def make_batch(module, batch_size: int, resolution: int, device: torch.device, c
         return {"pixel_values": pixels, "input_ids": input_ids}
     with torch.no_grad():
         posterior = module.vae.encode(pixels).latent_dist
-        prompt_embeds = module.text_encoder(input_ids)[0]
-    return {
-        "latent_mean": posterior.mean,
-        "latent_std": posterior.std,
-        "prompt_embeds": prompt_embeds,
-    }
+        condition = module.encode_condition({"input_ids": input_ids})
+    return {"latent_mean": posterior.mean, "latent_std": posterior.std, "condition": condition}
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' datasheets; MFU
@@ -257,6 +318,8 @@ def run_benchmark(
         raise ValueError("fp16 autocast is benchmarked on CUDA only; use bf16 or 32 on CPU")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("need steps >= 1, warmup >= 0, batch_size >= 1")
+    if model in CACHE_ONLY and not cache:
+        raise ValueError(f"{model} trains on cached T5 features; run it with cache (--cache)")
     resolution = resolution or DEFAULT_RESOLUTION[model]
 
     module = build_module(build_components(model), method)
@@ -400,7 +463,7 @@ def run_grid(args) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         for batch_size in args.batch_sizes:
             for ckpt in (False, True):
-                for cache in (False, True):
+                for cache in (True,) if args.model in CACHE_ONLY else (False, True):
                     out = str(Path(tmp) / f"row{len(rows)}.json")
                     argv = _single_args(args, batch_size, ckpt, cache, out)
                     cmd = [sys.executable, "-m", "t2ilab.bench", *argv]
@@ -432,7 +495,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, default="tiny_sd")
     parser.add_argument("--method", choices=METHODS, default="full")
     parser.add_argument("--precision", choices=PRECISIONS, default="32")
-    parser.add_argument("--resolution", type=int, default=None, help="64 tiny_sd, 512 sd15_shape")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="default: 64 for tiny models, 512 otherwise"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -453,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "fp16" and not device.startswith("cuda"):
         parser.error("--precision fp16 needs a CUDA device (use bf16 or 32 on CPU)")
+    if args.model in CACHE_ONLY and not (args.cache or args.grid):
+        parser.error(f"--model {args.model} trains on cached T5 features: add --cache")
     if args.batch_sizes is None:
         args.batch_sizes = [1, 4] if device.startswith("cuda") else [1]
     return args
