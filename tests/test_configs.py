@@ -112,6 +112,7 @@ def test_cfg_job_prints_the_composed_config():
     assert cfg.model.name == "toy_sd" and cfg.trainer.max_steps > 0
 
 
+@pytest.mark.slow  # composes 30 configs
 def test_the_30_dreambooth_subjects(make_cfg):
     every = sorted(p.stem for p in (CONF / "subject").glob("*.yaml"))
     toy = [s for s in every if s.startswith("toy_")]  # the toy world's three bundled subjects

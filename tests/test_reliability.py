@@ -333,6 +333,13 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "ok" and results["steps"] == 8
+    # Both launches are on record: the killed one up to its checkpoint, then the continuation.
+    first, second = results["segments"]
+    assert (first["from_step"], first["to_step"]) == (0, killed_at)
+    assert (second["from_step"], second["to_step"]) == (killed_at, 8)
+    assert first["command"].startswith("python train.py experiment=dreambooth")
+    assert "ckpt_path" not in first["command"] and " ckpt_path=last" in second["command"]
+    assert first["wall_time_s"] > 0 and second["wall_time_s"] > 0
 
     (log_file,) = [p for p in (run_dir / "csv").glob("version_*/metrics.csv") if is_resumed(p)]
     rows = [r for r in csv.DictReader(open(log_file)) if r.get("train/loss")]

@@ -255,6 +255,62 @@ def test_recipe_smoke_and_no_overwrite(tmp_path):
     assert "overwrite=true" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
+    # Continued to 4 steps: training.json records both launches, in order, with their commands.
+    more = [*TINY_VAE, "toy_component.steps=4", f"out_dir={out}", "overwrite=true"]
+    resumed = _pretrain([*more, "ckpt_path=last"], tmp_path / "run1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    first, second = summary["segments"]
+    assert (first["from_step"], first["to_step"]) == (0, 2)
+    assert (second["from_step"], second["to_step"]) == (2, 4) and summary["steps"] == 4
+    assert "ckpt_path" not in first["command"] and "ckpt_path=last" in second["command"]
+    assert summary["command"] == second["command"]
+    assert summary["train_wall_time_s"] == pytest.approx(
+        first["wall_time_s"] + second["wall_time_s"], abs=0.11
+    )
+
+
+TINY_CLIP = [
+    "toy_component=clip",
+    "toy_component.steps=4",
+    "toy_component.batch_size=4",
+    "toy_component.num_workers=0",
+    "toy_component.checkpoint_every=1",
+    "toy_component.module.warmup_steps=1",
+    "toy_component.module.text.hidden_size=16",
+    "toy_component.module.text.intermediate_size=16",
+    "toy_component.module.text.num_hidden_layers=1",
+    "toy_component.module.vision.hidden_size=16",
+    "toy_component.module.vision.intermediate_size=16",
+    "toy_component.module.vision.num_hidden_layers=1",
+    "toy_component.module.projection_dim=16",
+]
+
+
+@pytest.mark.slow
+def test_a_stopped_recipe_continues_with_the_next_batch(tmp_path):
+    """Stopped after 2 of 4 steps and continued, the recipe ends with the weights of an
+    uninterrupted run, bit for bit: the loader goes on with batch 3, not batch 1 again, and the
+    optimizer and LR schedule carry on (the contrastive step draws no random numbers)."""
+    from safetensors.torch import load_file
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    done = _pretrain([*TINY_CLIP, f"out_dir={whole}"], tmp_path / "run_whole")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _pretrain([*TINY_CLIP, f"out_dir={halves}", "trainer.max_steps=2"], tmp_path / "run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _pretrain(
+        [*TINY_CLIP, f"out_dir={halves}", "overwrite=true", "ckpt_path=last"], tmp_path / "run"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = load_file(whole / "model.safetensors")
+    got = load_file(halves / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    first_launch, second_launch = json.loads((halves / "training.json").read_text())["segments"]
+    assert first_launch["to_step"] == 2 and second_launch["to_step"] == 4
+
 
 # --- toy_sd ----------------------------------------------------------------------------------
 

@@ -63,8 +63,12 @@ def test_results_json_contract(run_dir):
         "metrics",
         "steps",
         "wall_time_s",
+        "segments",
     }
     assert results["experiment"] == EXPERIMENT and results["status"] == "ok"
+    (launch,) = results["segments"]  # one launch, no continuation
+    assert (launch["from_step"], launch["to_step"]) == (0, 4)
+    assert launch["command"].startswith(f"python train.py experiment={EXPERIMENT}")
     assert results["reason"] is None and results["steps"] == 4
     factors = results["factors"]
     assert factors["experiment"] == EXPERIMENT

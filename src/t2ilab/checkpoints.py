@@ -99,8 +99,9 @@ def os_error_of(err: BaseException) -> OSError | None:
 
 
 def stamp(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
-    """Record what trained this checkpoint (read back by inspect_checkpoint)."""
-    checkpoint[RECORD_KEY] = dict(record)
+    """Record what trained this checkpoint (read back by inspect_checkpoint), beside what
+    callbacks recorded there (the run's segments)."""
+    checkpoint.setdefault(RECORD_KEY, {}).update(record)
 
 
 def current_settings(trained: dict[str, Any]) -> dict[str, Any]:

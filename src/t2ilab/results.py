@@ -55,9 +55,12 @@ def write_results(
     steps: int = 0,
     wall_time_s: float = 0.0,
     resumes: list[dict[str, Any]] | None = None,
+    segments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`resumes`: each resume that changed a setting, {"step", "changed": {key: [old, new]}}
-    (t2ilab.resume), so the record shows what trained when."""
+    (t2ilab.resume), so the record shows what trained when. `segments`: the first launch and
+    every continuation, {"from_step", "to_step", "wall_time_s", "command"}
+    (t2ilab.callbacks.segments); `wall_time_s` stays this launch's."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
     results = {
@@ -71,5 +74,7 @@ def write_results(
     }
     if resumes:
         results["resumes"] = resumes
+    if segments:
+        results["segments"] = segments
     write_json_atomic(path, results)
     return results

@@ -35,6 +35,11 @@ def experiment_name(default: str = "default") -> str:
     return HydraConfig.get().runtime.choices.get("experiment") or default
 
 
+def command_line(script: str = "train.py") -> str:
+    """The command that launched this run, as a user would type it again."""
+    return " ".join(["python", script, *HydraConfig.get().overrides.task])
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
 
@@ -85,6 +90,7 @@ def run_task(
             steps=outcome["steps"],
             wall_time_s=time.time() - start,
             resumes=outcome.get("resumes"),
+            segments=outcome.get("segments"),
         )
 
     record = True

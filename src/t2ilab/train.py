@@ -28,6 +28,7 @@ from t2ilab.build import (
     ranks_on_this_machine,
     release_training_state,
 )
+from t2ilab.callbacks.segments import SegmentRecorder, earlier_segments
 from t2ilab.checkpoints import inspect_checkpoint
 from t2ilab.compat import check_data_fits_model, check_method_fits_model
 from t2ilab.errors import UserError
@@ -40,7 +41,7 @@ from t2ilab.noise import NoiseConfig
 from t2ilab.preflight import preflight
 from t2ilab.resume import settings_changes, settings_of
 from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
-from t2ilab.runner import experiment_name, run_task
+from t2ilab.runner import command_line, experiment_name, run_task
 from t2ilab.scale import scale_line
 from t2ilab.threads import apply_cpu_threads
 from t2ilab.validation import (
@@ -182,6 +183,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     changes = resume.changes if resume.ckpt_path else None
     callbacks, evaluation = build_callbacks(cfg, changes, protocol)
+    segments = SegmentRecorder(command_line(), resume.segments, resume.step)
+    callbacks.append(segments)
     trainer = build_trainer(cfg, loggers, callbacks)
     for lg in loggers:
         lg.log_hyperparams(flat_config(cfg))
@@ -216,6 +219,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "steps": trainer.global_step,
         "resolved": module.noise_factors(),
         "resumes": resume.history,
+        "segments": segments.segments(trainer.global_step),
     }
 
 
@@ -229,6 +233,7 @@ class ResumePlan:
     history: list[dict[str, Any]] = field(default_factory=list)
     step: int = 0
     threads: int | None = None  # torch's CPU threads in the checkpoint's run
+    segments: list[dict[str, Any]] = field(default_factory=list)  # launches before this one
 
 
 def plan_resume(cfg: DictConfig) -> ResumePlan:
@@ -248,7 +253,8 @@ def plan_resume(cfg: DictConfig) -> ResumePlan:
     if changes:
         history.append({"step": record["global_step"], "changed": changes})
     threads = record.get("cpu_threads")
-    return ResumePlan(path, changes, history, record["global_step"], threads)
+    step = record["global_step"]
+    return ResumePlan(path, changes, history, step, threads, earlier_segments(record, step))
 
 
 def keep_previous_export(cfg: DictConfig, resume: ResumePlan) -> None:

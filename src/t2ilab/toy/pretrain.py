@@ -19,13 +19,14 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
+from t2ilab.callbacks.segments import SegmentRecorder, earlier_segments, total_wall_time_s
+from t2ilab.checkpoints import RECORD_KEY, AtomicCheckpointIO, load_checkpoint_file
+from t2ilab.data.loader import resumable_loader
 from t2ilab.errors import UserError
 from t2ilab.loggers import build_loggers, instantiate_dict
-from t2ilab.runner import run_task
+from t2ilab.runner import command_line, run_task
 from t2ilab.threads import lightning_trainer_config
 from t2ilab.utils.atomic import atomic_directory, save_image_atomic, write_json_atomic
 
@@ -59,13 +60,17 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def resumed_segments(ckpt_path: str | None) -> tuple[list[dict[str, Any]], int]:
+    """The launches recorded in the checkpoint a run continues from, and its step."""
+    if ckpt_path is None:
+        return [], 0
+    checkpoint = load_checkpoint_file(Path(ckpt_path))
+    step = int(checkpoint.get("global_step", 0))
+    return earlier_segments(checkpoint.get(RECORD_KEY) or {}, step), step
+
+
 def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def command_line() -> str:
-    overrides = " ".join(HydraConfig.get().overrides.task)
-    return f"python pretrain_toy.py {overrides}".strip()
 
 
 def versions() -> dict[str, str]:
@@ -85,24 +90,31 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(recipe.seed), workers=True)
     module = hydra.utils.instantiate(recipe.module, max_steps=int(recipe.steps))
     dataset = module.train_dataset(int(recipe.steps) * int(recipe.batch_size), int(recipe.seed))
-    loader = DataLoader(
+    # Item i is already a random scene, so the order is the seed's; the loader's position is in
+    # every checkpoint, so a continued run goes on with the next batch, not the first again.
+    loader = resumable_loader(
         dataset,
-        batch_size=int(recipe.batch_size),
-        shuffle=False,  # item i is already a random scene; order = the seed's order
-        num_workers=int(recipe.num_workers),
-        persistent_workers=int(recipe.num_workers) > 0,
         collate_fn=module.collate,
+        batch_size=int(recipe.batch_size),
+        shuffle=False,
+        seed=int(recipe.seed),
+        num_workers=int(recipe.num_workers),
     )
+    segments = SegmentRecorder(command_line("pretrain_toy.py"), *resumed_segments(resume_from))
     trainer: L.Trainer = hydra.utils.instantiate(
         lightning_trainer_config(cfg.trainer),  # threads: num_threads above
         logger=build_loggers(cfg),
-        callbacks=instantiate_dict(cfg.get("callbacks")),
+        callbacks=[*instantiate_dict(cfg.get("callbacks")), segments],
+        plugins=[AtomicCheckpointIO()],  # a checkpoint is written whole or not at all
     )
     parameters = sum(p.numel() for p in module.model.parameters())
     log.info("%s: %s parameters", recipe.name, f"{parameters:,}")
     fit_start = time.time()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)
+    # The recipe's own checkpoint holds its config (OmegaConf hyperparameters), which torch's
+    # weights-only loader refuses; it is this run's file, so it is read whole.
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=False)
     train_time = time.time() - fit_start
+    launches = segments.segments(trainer.global_step)
 
     run_dir = Path(cfg.paths.output_dir)
     eval_seed = int(recipe.eval_seed)
@@ -111,11 +123,14 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         metrics, grid = module.evaluate(folder, eval_seed)
         summary = {
             "component": recipe.name,
-            "command": command_line(),
+            "command": command_line("pretrain_toy.py"),
             "seed": int(recipe.seed),
             "eval_seed": eval_seed,
             "steps": int(trainer.global_step),
-            "train_wall_time_s": round(train_time, 1),
+            # every launch together (first run and continuations); the last launch's own below
+            "train_wall_time_s": total_wall_time_s(launches),
+            "segments": launches,
+            "last_segment_train_wall_time_s": round(train_time, 1),
             "total_wall_time_s": round(time.time() - start, 1),
             "num_threads": torch.get_num_threads(),
             "parameters": parameters,

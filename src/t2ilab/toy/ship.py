@@ -11,8 +11,9 @@ copy equals toy_clip's tower); toy_pixart links to that copy.
 
 With --run, the training run's record goes in too, as for the other toy models: training.json
 (command, seed, steps, wall time, versions, and `quality.sd_quality` measured on the linked
-folder; for a staged model every stage, found through model.init_from) and its last sample
-grid as samples.png:
+folder; for a staged model every stage, found through model.init_from; for a run stopped and
+continued, every launch with its steps, wall time and command) and its last sample grid as
+samples.png:
 
     python -m t2ilab.toy.ship models/toy/toy_sd --run logs/train/runs/<timestamp>
     python -m t2ilab.toy.ship models/toy/toy_pixart --run runs/toy_pixart/stage3
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from t2ilab.callbacks.segments import total_wall_time_s
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -87,12 +90,19 @@ def _run_record(run: Path) -> dict:
     results = json.loads((run / "results.json").read_text())
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    # Every launch of the run (first and continuations), when the run recorded them; a run
+    # from before segments were recorded has its last launch's record only.
+    segments = results.get("segments")
+    wall_time = total_wall_time_s(segments) if segments else results["wall_time_s"]
     return {
         "run": str(run),
-        "command": "python train.py " + " ".join(overrides),
+        "command": segments[-1]["command"]
+        if segments
+        else "python train.py " + " ".join(overrides),
         "seed": config.get("seed"),
         "steps": results["steps"],
-        "train_wall_time_s": results["wall_time_s"],
+        "train_wall_time_s": wall_time,
+        "segments": segments,
         "metrics": results.get("metrics", {}),
         "init_from": (config.get("model") or {}).get("init_from"),
     }
@@ -136,7 +146,7 @@ def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
         "seed": last["seed"],
         "eval_seed": quality.EVAL_SEED,
         "steps": sum(stage["steps"] for stage in stages),
-        "train_wall_time_s": round(sum(stage["train_wall_time_s"] for stage in stages), 1),
+        "train_wall_time_s": total_wall_time_s(stages, "train_wall_time_s"),
         "stages": stages if len(stages) > 1 else None,
         "parameters": sum(p.numel() for p in denoiser.parameters()),
         "metrics": {k: round(v, 4) for k, v in quality.sd_quality(pipe, **quality_kwargs).items()},
