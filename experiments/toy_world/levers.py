@@ -1,0 +1,125 @@
+"""Small-budget trials of toy_sd pretraining recipes: which lever helps the base model learn
+the world (shape first), measured before any long run.
+
+    python experiments/toy_world/levers.py OUT --steps 1000 --arms baseline min_snr5 deeper
+
+Each arm is `python train.py experiment=toy_pretrain_sd` with the arm's overrides and the same
+steps, seed and data, in OUT/<arm>/ (a stopped trial continues from its last checkpoint when
+the command is run again; a finished one is not run twice). Its export is then measured with
+`t2ilab.toy.quality.sd_quality` on 64 fresh prompts (object colour, background, shape, read
+from the pixels), and OUT/levers.json and OUT/levers.md collect every arm's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A third UNet level (4x4) with attention at 8x8 and 4x4: a receptive field over the whole
+# object at every resolution where shape is decided.
+DEEPER = [
+    "model.tiny.unet.block_out_channels=[64,96,128]",
+    "model.tiny.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D]",
+    "model.tiny.unet.up_block_types=[CrossAttnUpBlock2D,CrossAttnUpBlock2D,UpBlock2D]",
+]
+ARMS: dict[str, list[str]] = {
+    "baseline": [],
+    "min_snr5": ["noise.snr_gamma=5"],  # Hang et al.'s gamma, epsilon prediction kept
+    "deeper": DEEPER,
+    "deeper_min_snr5": [*DEEPER, "noise.snr_gamma=5"],
+    "no_ema": ["ema.enabled=false"],
+    "batch64_lr7e-4": ["data.batch_size=64", "method.lr=7.0e-4"],  # sqrt-scaled lr
+}
+
+
+def train_arm(out: Path, arm: str, steps: int, threads: str) -> None:
+    run = out / arm
+    if (run / "results.json").is_file() and json.loads((run / "results.json").read_text()).get(
+        "status"
+    ) == "ok":
+        return
+    resume = ["ckpt_path=last"] if (run / "checkpoints" / "last.ckpt").is_file() else []
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=toy_pretrain_sd",
+        *ARMS[arm],
+        f"trainer.max_steps={steps}",
+        f"trainer.cpu_threads={threads}",
+        "logger=csv",
+        "callbacks.samples.every_n_steps=100000",  # the grid at the end only
+        f"hydra.run.dir={run}",
+        *resume,
+    ]
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def measure(run: Path, n: int) -> dict:
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from t2ilab.toy import quality
+
+    pipe = DiffusionPipeline.from_pretrained(run / "export", safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return quality.sd_quality(pipe, n=n)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| arm | overrides | steps | train min | object colour | background | shape |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['arm']} | `{' '.join(r['overrides']) or '-'}` | {r['steps']} | "
+            f"{r['train_wall_time_s'] / 60:.1f} | {m['object_color_acc']:.3f} | "
+            f"{m['background_acc']:.3f} | {m['shape_acc']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--arms", nargs="+", default=["baseline", "min_snr5", "deeper"])
+    parser.add_argument("--n", type=int, default=64, help="prompts measured per arm")
+    parser.add_argument("--threads", default="auto", help="trainer.cpu_threads")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}: choose from {sorted(ARMS)}")
+    args.out = args.out.resolve()
+    rows = []
+    for arm in args.arms:
+        start = time.time()
+        train_arm(args.out, arm, args.steps, args.threads)
+        results = json.loads((args.out / arm / "results.json").read_text())
+        segments = results.get("segments") or []
+        wall = sum(s["wall_time_s"] or 0 for s in segments) or results["wall_time_s"]
+        rows.append(
+            {
+                "arm": arm,
+                "overrides": ARMS[arm],
+                "steps": results["steps"],
+                "train_wall_time_s": wall,
+                "metrics": measure(args.out / arm, args.n),
+                "measured_s": round(time.time() - start, 1),
+            }
+        )
+        (args.out / "levers.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "levers.md").write_text(table(rows))
+        print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("T2ILAB_ROOT", str(ROOT))
+    main()
