@@ -257,6 +257,7 @@ def test_group_means_average_over_subjects(tmp_path):
     assert table.loc["a", "metric.dino.mean"] == pytest.approx(0.3)
     assert table.loc["b", "metric.dino.mean"] == pytest.approx(0.8)
     assert table.loc["b", "metric.dino.std"] == pytest.approx(((0.2**2) * 2) ** 0.5)  # sample std
+    assert table.loc["b", "metric.dino.sem"] == pytest.approx(((0.2**2) * 2) ** 0.5 / 2**0.5)
     assert list(table["runs"]) == [2, 2]
 
 
@@ -322,11 +323,15 @@ def test_group_by_table_lists_what_is_the_same_in_every_group(tmp_path, capsys):
     assert main([str(sweep), "--group-by", "method.lr"]) == 0
     printed = capsys.readouterr().out
     grouped = printed.split("-> ")[1]  # after the run table's summary line
-    assert "Same in every group: runs=2, metric.clip_t.mean=0.3, metric.clip_t.std=0" in grouped
+    assert (
+        "Same in every group: runs=2, metric.clip_t.mean=0.3, metric.clip_t.sem=0, "
+        "metric.clip_t.std=0" in grouped
+    )
     header = next(line for line in grouped.splitlines() if line.startswith("| factor.method.lr"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "factor.method.lr",
         "metric.dino.mean",
+        "metric.dino.sem",
         "metric.dino.std",
     ]
     csv = pd.read_csv(sweep / "results_by_method_lr.csv")

@@ -295,8 +295,9 @@ def factor_names(df: pd.DataFrame) -> list[str]:
 
 
 def group_means(df: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Mean and std of every metric over the ok runs of each value of `by` (e.g. the paper's
-    average over 30 subjects per method: --group-by experiment), with the run count."""
+    """Mean, std and standard error of the mean (std / sqrt(runs)) of every metric over the ok
+    runs of each value of `by` (e.g. the paper's average over 30 subjects per method:
+    --group-by experiment), with the run count."""
     column = f"factor.{by}" if f"factor.{by}" in df.columns else by
     if column not in df.columns:
         raise UserError(
@@ -306,6 +307,7 @@ def group_means(df: pd.DataFrame, by: str) -> pd.DataFrame:
     metric_columns = [c for c in ok.columns if c.startswith("metric.")]
     grouped = ok.groupby(column, dropna=False)[metric_columns]
     table = grouped.mean().add_suffix(".mean").join(grouped.std().add_suffix(".std"))
+    table = table.join(grouped.sem().add_suffix(".sem"))
     table = table[sorted(table.columns)]
     table.insert(0, "runs", ok.groupby(column, dropna=False).size())
     return table.reset_index()
@@ -325,7 +327,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--group-by",
         default=None,
-        help="also print metric mean/std per value of this factor (e.g. experiment), "
+        help="also print metric mean/std/sem per value of this factor (e.g. experiment), "
         "written to DIR/results_by_<factor>.csv",
     )
     return parser.parse_args(argv)
