@@ -263,6 +263,16 @@ def test_settings_changes_lists_what_may_change_and_refuses_the_rest():
         settings_changes(trained, {**now, "noise.snr_gamma": 5.0}, "x.ckpt")
 
 
+def test_a_key_added_since_the_checkpoint_is_no_change_at_its_old_behaviour():
+    """A checkpoint from before data.curriculum_steps existed trained without a curriculum:
+    resuming it with the default (0) changes nothing; asking for a curriculum is refused."""
+    trained = {"data.seed": 0}
+    assert settings_changes(trained, {"data.seed": 0, "data.curriculum_steps": 0}, "x") == {}
+    assert settings_changes(trained, {"data.seed": 0}, "x") == {}  # other data: no such key
+    with pytest.raises(UserError, match=r"data.curriculum_steps=0 \(now 100\)"):
+        settings_changes(trained, {"data.seed": 0, "data.curriculum_steps": 100}, "x")
+
+
 def test_a_checkpoint_naming_a_moved_module_class_still_resumes(tmp_path):
     """Checkpoints stamped before the module renames (issue 14.7) record the old class path."""
     key = "method.module._target_"

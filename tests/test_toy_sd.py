@@ -88,6 +88,39 @@ def test_datamodule_batches_and_bad_settings(tokenizer):
         ToyWorldDataModule(shapes=["dodecahedron"]).check()
 
 
+def test_the_curriculum_moves_from_large_centred_objects_to_the_whole_world(tokenizer):
+    """data.curriculum_steps: draw d is large and centred with probability 1 - d / N (N draws =
+    steps x batch size); everything else about the scene and its caption stays its own."""
+    import numpy as np
+
+    plain = ToyWorldTextImages(tokenizer, 4000, 0, 32, caption="dense")
+    taught = ToyWorldTextImages(tokenizer, 4000, 0, 32, caption="dense", curriculum_draws=4000)
+
+    def easy(scene):
+        return scene.size == "large" and scene.position == "center"
+
+    for start, expected in ((0, 0.95), (1800, 0.55), (3600, 0.05)):  # mean of 1 - d/N
+        draws = range(start, start + 400)
+        share = np.mean([easy(taught.scene(d)) for d in draws])
+        base = np.mean([easy(plain.scene(d)) for d in draws])  # 1/27 without a curriculum
+        assert abs(share - (expected + (1 - expected) * base)) < 0.06, (start, share)
+    beyond = [taught.scene(d) == plain.scene(d) for d in range(4000, 4200)]
+    assert all(beyond)  # past N the world is the world
+    for d in range(50):  # shape, colours, pattern, pose unchanged; the caption says large, center
+        a, b = taught.scene(d), plain.scene(d)
+        assert (a.shape, a.color, a.background, a.pattern) == (
+            b.shape,
+            b.color,
+            b.background,
+            b.pattern,
+        )
+        assert _is(tokenizer, taught[d]["input_ids"], dense_caption(a))
+    dm = ToyWorldDataModule(size=8, batch_size=4, curriculum_steps=3)
+    assert dm.curriculum_draws == 12
+    with pytest.raises(UserError, match="data.curriculum_steps=-1"):
+        ToyWorldDataModule(curriculum_steps=-1).check()
+
+
 def test_a_new_unet_over_pretrained_parts_from_folders(tmp_path, tokenizer):
     """model.components: VAE and text encoder load from folders, the UNet is built."""
     from diffusers import AutoencoderKL

@@ -34,6 +34,7 @@ ARMS: dict[str, list[str]] = {
     "min_snr5": ["noise.snr_gamma=5"],  # Hang et al.'s gamma, epsilon prediction kept
     "deeper": DEEPER,
     "deeper_min_snr5": [*DEEPER, "noise.snr_gamma=5"],
+    "curriculum": ["data.curriculum_steps=400"],  # large centred objects first, half the budget
     "no_ema": ["ema.enabled=false"],
     "batch64_lr7e-4": ["data.batch_size=64", "method.lr=7.0e-4"],  # sqrt-scaled lr
 }

@@ -36,6 +36,9 @@ _MAY_CHANGE = (
     "data.num_workers",
 )
 _FIXED = ("model.", "method.", "noise.", "data.", "subject.")
+# Keys added to the configs after checkpoints were written, with the value that keeps the old
+# behaviour: a checkpoint without the key trained with that value.
+ADDED_SETTINGS: dict[str, Any] = {"data.curriculum_steps": 0}
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
@@ -48,6 +51,8 @@ def settings_changes(
 ) -> dict[str, list[Any]]:
     """{key: [checkpoint's value, this run's value]} for every changed setting; raises a
     UserError when one of them may not change on resume."""
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in current and k not in trained}
+    trained = {**trained, **added}
     changes = {
         key: [trained.get(key), current.get(key)]
         for key in sorted(set(trained) | set(current))
