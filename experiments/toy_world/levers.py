@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from t2ilab.callbacks.segments import total_wall_time_s
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A third UNet level (4x4) with attention at 8x8 and 4x4: a receptive field over the whole
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         train_arm(args.out, arm, args.steps, args.threads)
         results = json.loads((args.out / arm / "results.json").read_text())
-        segments = results.get("segments") or []
-        wall = sum(s["wall_time_s"] or 0 for s in segments) or results["wall_time_s"]
+        segments = results.get("segments")
+        wall = total_wall_time_s(segments) if segments else results["wall_time_s"]
         rows.append(
             {
                 "arm": arm,
