@@ -38,6 +38,9 @@ ARMS: dict[str, list[str]] = {
     "deeper_min_snr5": [*DEEPER, "noise.snr_gamma=5"],
     "curriculum": ["data.curriculum_steps=400"],  # large centred objects first, half the budget
     "no_ema": ["ema.enabled=false"],
+    # Is shape learnable at this budget at all? Nearly every draw large and centred (the
+    # curriculum never reaches its end), scored on the raw weights.
+    "large_centred_no_ema": ["ema.enabled=false", "data.curriculum_steps=1000000"],
     "batch64_lr7e-4": ["data.batch_size=64", "method.lr=7.0e-4"],  # sqrt-scaled lr
 }
 
