@@ -1,4 +1,5 @@
-"""Noise schedules and loss weighting, on top of diffusers' DDPMScheduler.
+"""Noise schedules and loss weighting, on top of diffusers' DDPMScheduler (the `noise` axis;
+its flow-matching half is t2ilab.flow, and t2ilab.objectives puts both behind one interface).
 
 The beta schedule (linear | scaled_linear | squaredcos_cap_v2 | sigmoid) and the zero-terminal-SNR
 rescale (Lin et al. 2023, Algorithm 1, as used by Improved DreamBooth) are diffusers' own; this module
@@ -9,6 +10,7 @@ finite where SNR == 0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -19,12 +21,14 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from t2ilab import flow
 from t2ilab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+OBJECTIVES = ("ddpm", "flow")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 # Keys of the `noise` config that map 1:1 onto DDPMScheduler arguments.
@@ -34,6 +38,26 @@ _SCHEDULER_KEYS = (
     "beta_end",
     "num_train_timesteps",
     "prediction_type",
+)
+
+# Keys of each objective that the other refuses (NoiseConfig.for_objective).
+_DDPM_ONLY = (
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "zero_terminal_snr",
+    "prediction_type",
+    "timestep_spacing",
+    "snr_gamma",
+)
+_FLOW_ONLY = (
+    "timestep_density",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "shift",
+    "dynamic_shift",
+    "loss_weighting",
 )
 
 # What diffusers' Euler and DPM-Solver put in place of alphas_cumprod[-1] == 0 so that
@@ -54,6 +78,16 @@ class NoiseConfig:
     timestep_spacing: str | None = None
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    # ddpm | flow; None: what the model's pipeline samples (its family's objective)
+    objective: str | None = None
+    # Flow matching only (t2ilab.flow); None: the model's own value or the recipe's default.
+    timestep_density: str | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    shift: float | None = None
+    dynamic_shift: bool | None = None
+    loss_weighting: str | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None) -> NoiseConfig:
@@ -73,6 +107,43 @@ class NoiseConfig:
             raise UserError(f"noise.offset_noise={self.offset_noise} must be >= 0 (0.1 is typical)")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise UserError(f"noise.snr_gamma={self.snr_gamma} must be > 0 (5.0 is the paper's)")
+        _check_choice("noise.objective", self.objective, OBJECTIVES)
+        _check_choice("noise.timestep_density", self.timestep_density, flow.DENSITIES)
+        _check_choice("noise.loss_weighting", self.loss_weighting, flow.LOSS_WEIGHTINGS)
+        if self.logit_std is not None and self.logit_std <= 0:
+            raise UserError(f"noise.logit_std={self.logit_std} must be > 0 (SD3 uses 1.0)")
+        if self.shift is not None and self.shift <= 0:
+            raise UserError(f"noise.shift={self.shift} must be > 0 (1 is no shift; SD3 uses 3.0)")
+
+    def for_objective(self, model_objective: str, model: str) -> NoiseConfig:
+        """This config with its objective resolved against the model's (what its pipeline
+        samples), refusing in one line any key that makes no sense under that objective."""
+        objective = self.objective or model_objective
+        if objective != model_objective:
+            raise UserError(
+                f"noise.objective={objective}: model={model} samples with "
+                f"{'flow matching' if model_objective == 'flow' else 'DDPM-family schedulers'}, "
+                f"so it trains with noise.objective={model_objective} (or leave it unset)"
+            )
+        if objective == "flow":
+            for key in _DDPM_ONLY:
+                value = getattr(self, key)
+                if value not in (None, False):
+                    raise UserError(
+                        f"noise.{key}={value} makes no sense under flow matching: rectified flow "
+                        "already reaches pure noise at t = 1 and has no betas; drop it (the flow "
+                        "keys are timestep_density, logit_mean/std, mode_scale, shift, "
+                        "dynamic_shift, loss_weighting)"
+                    )
+        else:
+            for key in _FLOW_ONLY:
+                value = getattr(self, key)
+                if value is not None:
+                    raise UserError(
+                        f"noise.{key}={value} applies to flow matching (noise=flow); "
+                        f"model={model} trains with DDPM: drop it"
+                    )
+        return dataclasses.replace(self, objective=objective)
 
 
 def _check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:

@@ -35,6 +35,7 @@ from t2ilab.errors import UserError
 from t2ilab.launch import pin_job_for_lightning_ranks, rank_scope
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config
 from t2ilab.models.export import export_metadata, export_pipeline
+from t2ilab.models.families import family_of
 from t2ilab.models.loading import load_components, load_tokenizer
 from t2ilab.models.stages import init_from_previous_stage
 from t2ilab.noise import NoiseConfig
@@ -144,7 +145,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module_class.check_method(cfg.method)
     check_method_fits_model(cfg, module_class)
     check_numbers(cfg)  # the config alone: before anything reads a model or a file
-    NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
+    noise = NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
+    noise.for_objective(family_of(cfg.model).objective, cfg.model.name)
     check_prior_preservation(cfg)
     check_something_trains(cfg)
     check_eval_matches_model(cfg)

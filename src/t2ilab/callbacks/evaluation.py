@@ -16,7 +16,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from t2ilab.metrics.dreambooth import ROW_COLUMNS
 from t2ilab.metrics.protocol import DreamBoothProtocol, EvalOutput
 from t2ilab.models.pipelines import make_sampler
-from t2ilab.noise import inference_scheduler_config
 from t2ilab.utils.atomic import atomic_file, save_image_atomic
 from t2ilab.utils.images import make_grid
 
@@ -100,7 +99,7 @@ class DreamBoothEvalCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            config = inference_scheduler_config(pl_module.noise_scheduler, pl_module.noise)
+            config = pl_module.objective.inference_config()
             with pl_module.for_inference():  # e.g. the EMA weights when ema.enabled
                 out = self.protocol.run(pl_module.pipeline(make_sampler(self.scheduler, config)))
         finally:

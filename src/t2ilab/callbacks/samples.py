@@ -109,13 +109,12 @@ def generate_images(
 ):
     """Images for each prompt (or class id) with seeds seed..seed+k-1, from the module's current
     weights and the schedule it is trained with."""
-    from t2ilab.noise import inference_scheduler_config
 
     was_training = module.training
     module.eval()
     try:
         sampler = make_sampler(
-            scheduler_name, inference_scheduler_config(module.noise_scheduler, module.noise)
+            scheduler_name, module.objective.inference_config()
         )
         pipe = module.pipeline(sampler)
         images = []

@@ -28,6 +28,9 @@ class Backbone:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     denoiser_name: ClassVar[str] = "unet"
+    # Latent pixels per token side (transformers patchify): an image's token count for the
+    # resolution-dependent flow shift.
+    patch_size: ClassVar[int] = 1
     text_encoder_names: ClassVar[tuple[str, ...]] = ()
     tokenizer_names: ClassVar[tuple[str, ...]] = ()
     # peft target modules for LoRA on the denoiser (diffusers' attention projections).

@@ -35,7 +35,6 @@ from omegaconf import DictConfig, OmegaConf
 from t2ilab.errors import UserError
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.models.sources import is_local_reference
-from t2ilab.noise import inference_scheduler_config
 from t2ilab.utils.atomic import atomic_directory, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def export_pipeline(
     """
     out_dir = Path(out_dir)
     sampler = make_sampler(
-        scheduler, inference_scheduler_config(module.noise_scheduler, module.noise)
+        scheduler, module.objective.inference_config()
     )
     with atomic_directory(out_dir) as tmp:
         module.save_artefact(tmp, sampler)

@@ -15,6 +15,7 @@ class Family:
     text_lora: bool  # its pipeline's LoRA loader takes text-encoder LoRA
     cross_attention: bool  # its transformer blocks attend to a condition
     resblocks: bool  # its denoiser has ResBlocks (a UNet)
+    objective: str = "ddpm"  # what its pipeline samples: ddpm (beta schedules) or flow
 
 
 FAMILIES = {

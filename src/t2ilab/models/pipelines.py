@@ -8,16 +8,33 @@ import diffusers
 from diffusers import StableDiffusionPipeline
 
 from t2ilab.errors import UserError
+from t2ilab.flow import SAMPLERS as FLOW_SAMPLERS
+from t2ilab.flow import is_flow_config
 
 
-def make_sampler(name: str, config: dict[str, Any]):
-    """A diffusers scheduler class by name (DDIMScheduler, DPMSolverMultistepScheduler, ...)."""
+def make_sampler(name: str | None, config: dict[str, Any]):
+    """A diffusers scheduler class by name (DDIMScheduler, DPMSolverMultistepScheduler, ...)
+    over a training schedule's config. None: the schedule's own kind (DDIMScheduler for DDPM
+    schedules, FlowMatchEulerDiscreteScheduler for flow matching). A DDPM sampler cannot run a
+    flow-matching schedule, nor the other way round: that is one line."""
+    flow_schedule = is_flow_config(config)
+    if name is None:
+        name = FLOW_SAMPLERS[0] if flow_schedule else "DDIMScheduler"
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config"):
         raise UserError(
             f"sampling.scheduler={name} is not a diffusers scheduler: use e.g. DDIMScheduler, "
             "DPMSolverMultistepScheduler, EulerDiscreteScheduler or PNDMScheduler"
         )
+    if flow_schedule != (name in FLOW_SAMPLERS):
+        kind = "flow-matching" if flow_schedule else "DDPM"
+        use = " or ".join(FLOW_SAMPLERS) if flow_schedule else "e.g. DDIMScheduler"
+        raise UserError(
+            f"sampling.scheduler={name} cannot sample a {kind} schedule: use {use} "
+            "(or leave sampling.scheduler unset)"
+        )
+    if flow_schedule:
+        return cls.from_config(dict(config))
     # Most pipeline scheduler configs (PNDM in SD 1.x) predate `clip_sample`; latents of
     # latent diffusion must not be clipped, and DDIM warns loudly when the key is missing.
     return cls.from_config({"clip_sample": False, **dict(config)})

@@ -23,17 +23,11 @@ from torch import nn
 
 from t2ilab.checkpoints import check_loaded_weights, stamp
 from t2ilab.models.backbone import Backbone
-from t2ilab.models.families import Family
+from t2ilab.models.families import FAMILIES, Family
 from t2ilab.modules.losses import per_sample_mse, prior_preservation_loss
-from t2ilab.modules.step_random import StepRandom, grouped
-from t2ilab.noise import (
-    NoiseConfig,
-    build_noise_scheduler,
-    min_snr_weights,
-    resolved_beta_schedule,
-    sample_noise,
-    training_target,
-)
+from t2ilab.modules.step_random import GroupedDraws, StepRandom, grouped
+from t2ilab.noise import NoiseConfig, sample_noise
+from t2ilab.objectives import DDPMObjective, build_objective
 from t2ilab.optim import fused_where_possible
 
 log = logging.getLogger(__name__)
@@ -79,9 +73,11 @@ class DiffusionModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_backbone = compile
         self.channels_last = channels_last
-        self.noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
+        noise = noise if isinstance(noise, NoiseConfig) else NoiseConfig.from_dict(noise)
+        family = FAMILIES[backbone.family]
+        self.noise = noise.for_objective(family.objective, backbone.family)
         scheduler_config = backbone.scheduler_config
-        self.noise_scheduler = build_noise_scheduler(scheduler_config, self.noise)
+        self.objective = build_objective(scheduler_config, self.noise, backbone.patch_size)
         self.base_scheduler_config = dict(scheduler_config)
         for name, part in backbone.modules().items():
             setattr(self, name, part.requires_grad_(False))  # a method unfreezes what it trains
@@ -223,24 +219,17 @@ class DiffusionModule(L.LightningModule):
         rand = rand or self.step_random(self.device)
         latents = self.batch_latents(batch, rand).float()
         num_instance = int(batch.get("num_instance", latents.shape[0]))
-        noise = sample_noise(
-            lambda name, shape: grouped(rand.randn, name, shape, num_instance),
-            latents.shape,
-            self.noise.offset_noise,
-        )
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = grouped(
-            rand.randint, "timesteps", latents.shape[:1], num_instance, high=num_timesteps
-        ).long()
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        draws = GroupedDraws(rand, num_instance)
+        noise = sample_noise(draws.randn, latents.shape, self.noise.offset_noise)
+        objective = self.objective
+        timesteps = objective.timesteps(draws, latents)
+        noisy_latents = objective.noised(latents, noise, timesteps)
+        target = objective.target(latents, noise, timesteps)
 
         prediction = self.predict(noisy_latents, timesteps, self.encode_condition(batch))
 
         per_sample = per_sample_mse(prediction, target)
-        weights = None
-        if self.noise.snr_gamma is not None:
-            weights = min_snr_weights(self.noise_scheduler, timesteps, self.noise.snr_gamma)
+        weights = objective.loss_weights(timesteps)
         return prior_preservation_loss(per_sample, num_instance, self.prior_loss_weight, weights)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -374,16 +363,17 @@ class DiffusionModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @property
+    def noise_scheduler(self):
+        """The DDPM training scheduler (betas, alphas_cumprod); DDPM objectives only."""
+        if not isinstance(self.objective, DDPMObjective):
+            raise AttributeError(f"a {self.objective.name} objective has no DDPM scheduler")
+        return self.objective.scheduler
+
     def noise_factors(self) -> dict[str, Any]:
         """The objective as it resolved over the model's own scheduler config: the values a
         `noise.*: null` ("the model's own") stands for, for results.json's factors."""
-        config = self.noise_scheduler.config
-        return {
-            "noise.beta_schedule": resolved_beta_schedule(config),
-            "noise.prediction_type": config.prediction_type,
-            "noise.num_train_timesteps": config.num_train_timesteps,
-            "noise.zero_terminal_snr": bool(config.rescale_betas_zero_snr),
-        }
+        return self.objective.factors()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Loading is partial (strict_loading=False): a checkpoint of another model or method

@@ -59,6 +59,19 @@ class StepRandom:
         ]
         return torch.stack(rows)
 
+    def rand(self, stream: str, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+        """Uniform on [0, 1), row by row as randn."""
+        rows = [
+            torch.rand(
+                tuple(shape[1:]),
+                generator=self.generator(f"{stream}/{j}"),
+                device=self.device,
+                dtype=dtype,
+            )
+            for j in self._global_rows(int(shape[0]))
+        ]
+        return torch.stack(rows)
+
     def randint(self, stream: str, shape: Sequence[int], high: int) -> torch.Tensor:
         rows = [
             torch.randint(
@@ -82,3 +95,19 @@ def grouped(draw, stream: str, shape: Sequence[int], num_first: int, **kw) -> to
     first = draw(f"{stream}/instance", (num_first, *shape[1:]), **kw)
     rest = draw(f"{stream}/class", (rows - num_first, *shape[1:]), **kw)
     return torch.cat([first, rest])
+
+
+class GroupedDraws:
+    """A step's draws, each made per group of rows (`grouped`): instance rows, then class rows."""
+
+    def __init__(self, rand: StepRandom, num_first: int):
+        self.step_rand, self.num_first = rand, int(num_first)
+
+    def randn(self, stream: str, shape: Sequence[int], **kw) -> torch.Tensor:
+        return grouped(self.step_rand.randn, stream, shape, self.num_first, **kw)
+
+    def rand(self, stream: str, shape: Sequence[int], **kw) -> torch.Tensor:
+        return grouped(self.step_rand.rand, stream, shape, self.num_first, **kw)
+
+    def randint(self, stream: str, shape: Sequence[int], **kw) -> torch.Tensor:
+        return grouped(self.step_rand.randint, stream, shape, self.num_first, **kw)

@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from t2ilab.models.pipelines import make_sampler
-from t2ilab.noise import inference_scheduler_config
 from t2ilab.toy import quality
 from t2ilab.toy.world import SHAPES, Scene, dense_caption
 from t2ilab.utils.atomic import save_image_atomic
@@ -95,7 +94,7 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
     try:
         sampler = make_sampler(
             alignment_cfg["scheduler"],
-            inference_scheduler_config(module.noise_scheduler, module.noise),
+            module.objective.inference_config(),
         )
         metrics, images, asked = score_pipeline(
             module.pipeline(sampler).to(device),
