@@ -198,7 +198,8 @@ def test_batches_have_the_shared_layout(tmp_path, tokenizer):
     folder = _sidecar(tmp_path, {f"i{k}": f"a photo number {k}" for k in range(5)})
     dm = _datamodule(folder, tokenizer, batch_size=2, class_dir="ignored", identifier="sks")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"pixel_values", "input_ids", "num_instance"}
+    assert set(batch) == {"pixel_values", "input_ids", "prompt", "num_instance"}
+    assert all(p.startswith("a photo number ") for p in batch["prompt"])  # the text, for T5
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     assert batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1

@@ -17,7 +17,6 @@ from t2ilab.errors import UserError
 from t2ilab.models.export import load_export
 from t2ilab.models.loading import load_components
 from t2ilab.models.pipelines import make_sampler, pipeline_call_kwargs
-from t2ilab.noise import inference_scheduler_config
 
 CELLS = [(method, model) for model in MATRIX_MODELS for method in MATRIX_METHODS]
 QUICK = [
@@ -72,9 +71,7 @@ def test_cell_runs_or_is_refused_in_one_line(method, model, make_cfg, monkeypatc
         prompt = "a {identifier} {class_noun}".format(**module.prompt_vars)
     else:
         prompt = 1
-    sampler = make_sampler(
-        "DDIMScheduler", inference_scheduler_config(module.noise_scheduler, module.noise)
-    )
+    sampler = make_sampler(None, module.objective.inference_config())
     with torch.no_grad():
         expected = sample(module.pipeline(sampler), prompt)
         got = sample(reloaded, prompt)

@@ -91,3 +91,28 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(UserError, match="pip install bitsandbytes"):
         adamw_8bit([])
+
+
+@pytest.mark.parametrize(
+    "trainer, model, blocks",
+    [
+        ("fsdp_flux", "tiny_flux", ("transformer_blocks", "single_transformer_blocks")),
+        ("fsdp_sd3", "tiny_sd3", ("transformer_blocks",)),
+    ],
+)
+def test_flow_model_fsdp_wraps_exactly_the_transformers_blocks(make_cfg, trainer, model, blocks):
+    """FULL_SHARD, one unit per block: the policy's classes are the classes the model's block
+    lists hold (read from a built model, not from the config), checkpointed alike."""
+    from _support import CONF
+    from omegaconf import OmegaConf
+
+    from t2ilab.models.loading import load_components
+
+    cfg = make_cfg("experiment=lora_dreambooth", f"trainer={trainer}", f"model={model}")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    transformer = load_components(OmegaConf.load(CONF / "model" / f"{model}.yaml")).transformer
+    block_classes = {type(b) for name in blocks for b in getattr(transformer, name)}
+    assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == block_classes
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert set(checkpointed) == block_classes
+    assert strategy.sharding_strategy.name == "FULL_SHARD"

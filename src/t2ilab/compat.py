@@ -21,7 +21,15 @@ from t2ilab.models.families import FAMILIES, Family, family_of
 
 # The composition matrix: rows are the methods, columns the tiny backbones of every family.
 MATRIX_METHODS = ("dreambooth", "lora", "textual_inversion", "adapter")
-MATRIX_MODELS = ("tiny_sd", "tiny_sdxl", "tiny_pixart", "tiny_pixart_sigma", "tiny_dit")
+MATRIX_MODELS = (
+    "tiny_sd",
+    "tiny_sdxl",
+    "tiny_pixart",
+    "tiny_pixart_sigma",
+    "tiny_dit",
+    "tiny_sd3",
+    "tiny_flux",
+)
 
 
 def conf_dir() -> Path | None:

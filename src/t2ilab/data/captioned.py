@@ -282,11 +282,12 @@ class CaptionedDataset(Dataset):
 
     def __getitem__(self, draw: int) -> dict[str, torch.Tensor]:
         index, rng = draw % len(self), draw_rng(self.seed, draw)
-        path, _ = self.items[index]
+        path, caption = self.items[index]
         drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         return {
             "pixel_values": self.transform(load_rgb(path), rng),
             "input_ids": self.empty_ids if drop else self.input_ids[index],
+            "prompt": "" if drop else caption,
         }
 
 
@@ -294,6 +295,7 @@ def collate_captioned(examples: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "prompt": [e["prompt"] for e in examples],  # for a second vocabulary (T5)
         # No prior-preservation half: every example counts as an instance example.
         "num_instance": len(examples),
     }

@@ -147,7 +147,8 @@ class DreamBoothDataset(Dataset):
     def _text(self, prompt: str, tokenizer) -> dict[str, torch.Tensor]:
         if self.text_features is not None:
             return {"condition": self.text_features[prompt]}
-        return {"input_ids": tokenize(tokenizer, prompt)}
+        # The text too: backbones with a second vocabulary (SD3's and Flux's T5) tokenize it.
+        return {"input_ids": tokenize(tokenizer, prompt), "prompt": prompt}
 
     def _image(self, path: Path, rng) -> dict[str, torch.Tensor]:
         if self.image_features is not None:
@@ -180,6 +181,8 @@ def stack_tree(items: list[Any]) -> Any:
     first = items[0]
     if isinstance(first, dict):
         return {key: stack_tree([item[key] for item in items]) for key in first}
+    if isinstance(first, str):  # prompts
+        return list(items)
     return None if first is None else torch.stack(items)
 
 
@@ -338,7 +341,7 @@ class DreamBoothDataModule(T2IDataModule):
             self.text_features = {}
             for prompt in prompts:
                 ids = tokenize(self.tokenizer, prompt)[None].to(device)
-                condition = components.encode_condition({"input_ids": ids})
+                condition = components.encode_condition({"input_ids": ids, "prompt": [prompt]})
                 self.text_features[prompt] = first_row(condition)
 
     def setup(self, stage: str | None = None) -> None:

@@ -86,6 +86,12 @@ class Backbone:
         return [getattr(self, n) for n in self.tokenizer_names]
 
     @property
+    def embedding_encoders(self) -> list[tuple[nn.Module, Any]]:
+        """(text encoder, tokenizer) pairs whose token embeddings textual inversion trains: those
+        over CLIP's vocabulary (all here; Flux's T5 reads the placeholder as text)."""
+        return list(zip(self.text_encoders, self.tokenizers, strict=True))
+
+    @property
     def has_text(self) -> bool:
         return bool(self.text_encoder_names)
 

@@ -126,7 +126,7 @@ def export_metadata(
 def export_pipeline(
     module,
     out_dir: str | Path,
-    scheduler: str = "DDIMScheduler",
+    scheduler: str | None = None,
     metadata: dict | None = None,
     base_components=None,
 ) -> Path:
@@ -278,8 +278,9 @@ def load_export(export_dir: str | Path, base_model: str | None = None):
             f"{export_dir} holds {artefact} weights for base model {base}, which could not be "
             f"loaded ({type(err).__name__}): {BASE_MODEL_FIX}"
         ) from None
-    if (export_dir / "scheduler").is_dir():
-        pipe.scheduler = DDIMScheduler.from_pretrained(export_dir, subfolder="scheduler")
+    if (export_dir / "scheduler").is_dir():  # the trained schedule, in the sampler it names
+        config = DDIMScheduler.load_config(export_dir, subfolder="scheduler")
+        pipe.scheduler = make_sampler(config.get("_class_name", "DDIMScheduler"), config)
     if artefact == "lora":
         apply_lora(pipe, export_dir)
     elif artefact == "textual_inversion":

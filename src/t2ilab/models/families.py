@@ -16,6 +16,7 @@ class Family:
     cross_attention: bool  # its transformer blocks attend to a condition
     resblocks: bool  # its denoiser has ResBlocks (a UNet)
     objective: str = "ddpm"  # what its pipeline samples: ddpm (beta schedules) or flow
+    mmdit: bool = False  # joint attention over text and image tokens (SD3, Flux)
 
 
 FAMILIES = {
@@ -27,6 +28,28 @@ FAMILIES = {
         "pixart", "a PixArt transformer with T5 text", True, False, False, True, False
     ),
     "dit": Family("dit", "a class-conditional DiT (no text)", False, False, False, False, False),
+    "sd3": Family(
+        "sd3",
+        "an SD3 MM-DiT with CLIP-L, CLIP-G and T5 text",
+        text=True,
+        textual_inversion=False,  # StableDiffusion3Pipeline has no textual-inversion loader
+        text_lora=False,
+        cross_attention=False,
+        resblocks=False,
+        objective="flow",
+        mmdit=True,
+    ),
+    "flux": Family(
+        "flux",
+        "a Flux MM-DiT with CLIP-L and T5 text",
+        text=True,
+        textual_inversion=True,  # FluxPipeline loads embeddings into CLIP-L
+        text_lora=False,
+        cross_attention=False,
+        resblocks=False,
+        objective="flow",
+        mmdit=True,
+    ),
 }
 
 

@@ -110,8 +110,8 @@ def vae_scale_factor(model_cfg: DictConfig | dict) -> int:
 
 
 def model_family(model_cfg) -> str:
-    """sd (UNet + CLIP), sdxl (UNet + two CLIPs), pixart (PixArt transformer + T5) or dit
-    (class-conditional DiT)."""
+    """sd (UNet + CLIP), sdxl (UNet + two CLIPs), pixart (PixArt transformer + T5), sd3
+    (MM-DiT + two CLIPs + T5), flux (MM-DiT + CLIP-L + T5) or dit (class-conditional DiT)."""
     return family_of(plain(model_cfg)).name
 
 
@@ -124,6 +124,14 @@ def load_components(model_cfg: DictConfig | dict, tokenizer=None) -> Backbone:
         return load_sdxl_components(model_cfg, tokenizer)
     if family == "pixart":
         return pixart_dit.load_pixart_components(model_cfg, tokenizer)
+    if family == "sd3":
+        from t2ilab.models.sd3 import load_sd3_components
+
+        return load_sd3_components(model_cfg, tokenizer)
+    if family == "flux":
+        from t2ilab.models.flux import load_flux_components
+
+        return load_flux_components(model_cfg, tokenizer)
     if family == "dit":
         return pixart_dit.load_dit_components(model_cfg)
     return load_sd_components(model_cfg, tokenizer)
@@ -137,10 +145,10 @@ def load_tokenizer(model_cfg: DictConfig | dict):
         return pixart_dit.load_t5_tokenizer(model_cfg)
     if family == "dit":
         return None  # class-conditional: no text
-    if family == "sdxl":
+    if family in ("sdxl", "sd3", "flux"):
         from t2ilab.models.sdxl import load_sdxl_tokenizer
 
-        return load_sdxl_tokenizer(model_cfg)  # the first; the backbone loads the second
+        return load_sdxl_tokenizer(model_cfg)  # the first; the backbone loads the others
     if model_cfg.get("pretrained"):
         return CLIPTokenizer.from_pretrained(
             pretrained_source(model_cfg), subfolder="tokenizer", revision=model_cfg.get("revision")

@@ -222,7 +222,8 @@ def load_sdxl_tokenizer(model_cfg: DictConfig | dict) -> CLIPTokenizer:
     raise UserError(f"model '{model_cfg.get('name')}' sets neither model.pretrained nor model.tiny")
 
 
-def _second_tokenizer(model_cfg: dict[str, Any]) -> CLIPTokenizer:
+def load_second_clip_tokenizer(model_cfg: dict[str, Any]) -> CLIPTokenizer:
+    """tokenizer_2 (OpenCLIP bigG's, SDXL's and SD3's): the folder's, or the tiny one."""
     if model_cfg.get("pretrained"):
         return CLIPTokenizer.from_pretrained(
             pretrained_source(model_cfg),
@@ -254,7 +255,7 @@ def _vae_override(model_cfg: dict[str, Any]) -> AutoencoderKL | None:
 def load_sdxl_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableDiffusionXLBackbone:
     model_cfg = plain(model_cfg)
     tokenizer = tokenizer or load_sdxl_tokenizer(model_cfg)
-    tokenizer_2 = _second_tokenizer(model_cfg)
+    tokenizer_2 = load_second_clip_tokenizer(model_cfg)
     resolution = int(model_cfg.get("resolution", 1024))
     vae = _vae_override(model_cfg)
     if model_cfg.get("pretrained"):

@@ -35,6 +35,11 @@ class AdapterModule(ParameterEfficientModule):
 
     @classmethod
     def refusal(cls, family: Family, method_cfg) -> str | None:
+        if family.mmdit:
+            return (
+                f"adapters: the positions in the joint-attention blocks of {family.description} "
+                "are not mapped yet; use method=lora or method=full"
+            )
         reason = missing_parts(
             str(method_cfg.input_position),
             str(method_cfg.output_position),

@@ -55,9 +55,10 @@ class TextualInversionModule(ParameterEfficientModule):
                 "method=full or method=lora"
             )
         if not family.textual_inversion:
+            instead = "method=lora" if family.mmdit else "method=lora or method=adapter"
             return (
                 f"textual inversion: {family.description} has no stock loader for learned "
-                "embeddings; use method=lora or method=adapter"
+                f"embeddings; use {instead}"
             )
         return super().refusal(family, method_cfg)
 
@@ -89,9 +90,7 @@ class TextualInversionModule(ParameterEfficientModule):
         self.placeholder_ids = first.convert_tokens_to_ids(tokens)
         if any(i == first.unk_token_id for i in self.placeholder_ids):
             raise RuntimeError("prepare_tokenizer must add the placeholder tokens first")
-        for index, (encoder, tokenizer) in enumerate(
-            zip(backbone.text_encoders, backbone.tokenizers, strict=True)
-        ):
+        for index, (encoder, tokenizer) in enumerate(backbone.embedding_encoders):
             if index:  # SDXL's second tokenizer: the same new tokens, at the same ids
                 add_placeholder(tokenizer, placeholder_token, num_vectors)
                 if tokenizer.convert_tokens_to_ids(tokens) != self.placeholder_ids:
@@ -115,23 +114,23 @@ class TextualInversionModule(ParameterEfficientModule):
 
     def trained_parameter_count(self) -> int:
         return len(self.placeholder_ids) * sum(
-            e.get_input_embeddings().weight.shape[1] for e in self.backbone.text_encoders
+            e.get_input_embeddings().weight.shape[1] for e, _ in self.backbone.embedding_encoders
         )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Undo every change outside the placeholder rows (weight decay touches all rows).
         with torch.no_grad():
-            for index, encoder in enumerate(self.backbone.text_encoders):
+            for index, (encoder, _) in enumerate(self.backbone.embedding_encoders):
                 weight = encoder.get_input_embeddings().weight
                 original = getattr(self, f"original_embeddings_{index}")
                 weight[self.frozen_rows] = original[self.frozen_rows]
 
     def learned_embeddings(self, index: int = 0) -> torch.Tensor:
-        weight = self.backbone.text_encoders[index].get_input_embeddings().weight
+        weight = self.backbone.embedding_encoders[index][0].get_input_embeddings().weight
         return weight[self.placeholder_ids].detach().clone()
 
     def save_weights(self, folder: Path) -> None:
-        for index in range(len(self.backbone.text_encoders)):
+        for index in range(len(self.backbone.embedding_encoders)):
             save_file(
                 {self.placeholder_token: self.learned_embeddings(index).float().cpu().contiguous()},
                 Path(folder) / embeddings_file(index),

@@ -113,8 +113,9 @@ class ToyWorldTextImages(ToyWorldScenes):
         scene = self.scene(draw)
         rng = draw_rng(self.seed, draw)  # caption choices, per example
         drop = self.caption_dropout > 0 and rng.random() < self.caption_dropout
-        ids = self.empty_ids if drop else tokenize(self.tokenizer, self.caption_for(scene, rng))
-        return {"pixel_values": self.pixels(scene), "input_ids": ids}
+        caption = "" if drop else self.caption_for(scene, rng)
+        ids = self.empty_ids if drop else tokenize(self.tokenizer, caption)
+        return {"pixel_values": self.pixels(scene), "input_ids": ids, "prompt": caption}
 
 
 class ToyWorldClassImages(ToyWorldScenes):
