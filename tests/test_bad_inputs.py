@@ -91,6 +91,19 @@ CASES = {
     "negative clip": (lambda t: ["trainer.gradient_clip_val=-1"], "or null for no clipping"),
     "bad noise": (lambda t: ["noise.snr_gamma=-1"], r"noise.snr_gamma=-1.* must be > 0"),
     "unknown schedule": (lambda t: ["noise.beta_schedule=cosine"], "is not one of linear"),
+    "flow on a ddpm model": (lambda t: ["noise=flow"], "model=toy_sd samples with DDPM"),
+    "betas on a flow model": (
+        lambda t: ["model=tiny_flux", "noise=sigmoid"],
+        "noise.beta_schedule=sigmoid makes no sense under flow matching",
+    ),
+    "ddpm sampler on a flow model": (
+        lambda t: ["model=tiny_sd3", "sampling.scheduler=DDIMScheduler"],
+        "cannot sample model=tiny_sd3's flow-matching schedule",
+    ),
+    "flow sampler on a ddpm model": (
+        lambda t: ["sampling.scheduler=FlowMatchEulerDiscreteScheduler"],
+        "cannot sample model=toy_sd's DDPM schedule",
+    ),
     # Devices this machine does not have.
     "gpu without a gpu": (lambda t: ["trainer.accelerator=gpu"], "torch sees no GPU.*trainer=cpu"),
     "more cpu processes than cores": (lambda t: ["trainer.devices=4096"], "use at most"),

@@ -58,9 +58,10 @@ def test_cached_and_uncached_losses_are_equal(components):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_pixart"])
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_pixart", "tiny_sd3", "tiny_flux"])
 def test_every_text_backbone_caches_its_own_condition(model):
-    """SDXL's two encoders + pooled embedding + time ids, PixArt's T5 states + mask: the cached
+    """SDXL's two encoders + pooled embedding + time ids, PixArt's T5 states + mask, SD3's
+    joint CLIP + T5 sequence + pooled projections, Flux's T5 states + CLIP pooled: the cached
     condition trains to the same loss as encoding every step."""
     backbone = load_components(OmegaConf.load(CONF / "model" / f"{model}.yaml"))
     plain, cached = (

@@ -180,6 +180,10 @@ def test_the_export_samples_with_the_trained_shift():
     assert isinstance(make_sampler(None, ddpm), DDIMScheduler)
     with pytest.raises(UserError, match="cannot sample a DDPM schedule"):
         make_sampler("FlowMatchEulerDiscreteScheduler", ddpm)
+    # Recent DDPM-family schedulers carry flow keys too (PixArt-Sigma's DPM-Solver): the class
+    # decides.
+    dpm = {"_class_name": "DPMSolverMultistepScheduler", "use_dynamic_shifting": False, **ddpm}
+    assert isinstance(make_sampler(None, dpm), DDIMScheduler)
 
 
 @pytest.mark.parametrize(

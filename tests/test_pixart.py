@@ -160,15 +160,20 @@ def _caption_datamodule(cache: bool, tmp_path, components, multi_aspect=False):
     return dm
 
 
-@pytest.mark.parametrize("multi_aspect", [False, True])
-def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect):
+@pytest.mark.parametrize(
+    "multi_aspect, model",
+    [(False, "tiny_pixart"), (True, "tiny_pixart"), (True, "tiny_sd3"), (False, "tiny_flux")],
+)
+def test_training_from_the_cache_gives_the_same_loss(tmp_path, multi_aspect, model):
+    """The disk cache of latents and text features (T5's, with SD3's and Flux's CLIP parts)
+    trains to the loss the images and captions give."""
     from omegaconf import OmegaConf
 
-    from t2ilab.models.pixart_dit import load_pixart_components
+    from t2ilab.models.loading import load_components
     from t2ilab.modules.full import FullModule as PixArtModule
     from t2ilab.modules.step_random import StepRandom
 
-    c = load_pixart_components(OmegaConf.load(ROOT / "conf" / "model" / "tiny_pixart.yaml"))
+    c = load_components(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml"))
     from_images = next(
         iter(_caption_datamodule(False, tmp_path, c, multi_aspect).train_dataloader())
     )

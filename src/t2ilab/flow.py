@@ -88,7 +88,10 @@ SAMPLERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 def is_flow_config(scheduler_config: dict[str, Any]) -> bool:
-    """Whether a scheduler config is a flow-matching one (FlowMatchEulerDiscreteScheduler's)."""
-    return "use_dynamic_shifting" in scheduler_config or "FlowMatch" in str(
-        scheduler_config.get("_class_name", "")
-    )
+    """Whether a scheduler config is a flow-matching one (FlowMatchEulerDiscreteScheduler's):
+    its class says so, or, with no class named, it has a shift and no betas (recent DDPM-family
+    schedulers carry `use_dynamic_shifting` too)."""
+    name = scheduler_config.get("_class_name")
+    if name:
+        return "FlowMatch" in str(name)
+    return "shift" in scheduler_config and "beta_start" not in scheduler_config

@@ -35,10 +35,8 @@ from t2ilab.errors import UserError
 from t2ilab.launch import pin_job_for_lightning_ranks, rank_scope
 from t2ilab.loggers import build_loggers, finish_loggers, flat_config
 from t2ilab.models.export import export_metadata, export_pipeline
-from t2ilab.models.families import family_of
 from t2ilab.models.loading import load_components, load_tokenizer
 from t2ilab.models.stages import init_from_previous_stage
-from t2ilab.noise import NoiseConfig
 from t2ilab.preflight import preflight
 from t2ilab.resume import settings_changes, settings_of
 from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
@@ -50,6 +48,7 @@ from t2ilab.validation import (
     check_devices,
     check_eval_matches_model,
     check_numbers,
+    check_objective,
     check_prior_preservation,
     check_resolution,
     check_something_trains,
@@ -145,8 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module_class.check_method(cfg.method)
     check_method_fits_model(cfg, module_class)
     check_numbers(cfg)  # the config alone: before anything reads a model or a file
-    noise = NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
-    noise.for_objective(family_of(cfg.model).objective, cfg.model.name)
+    check_objective(cfg)  # the noise keys and the sampler fit what the model samples
     check_prior_preservation(cfg)
     check_something_trains(cfg)
     check_eval_matches_model(cfg)

@@ -119,6 +119,26 @@ def check_numbers(cfg: DictConfig) -> None:
     _number(cfg, "seed", whole=True)
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """The `noise` keys and the sampler fit the objective the model's pipeline samples (DDPM
+    or flow matching), before any weights load."""
+    from t2ilab.flow import SAMPLERS as FLOW_SAMPLERS
+    from t2ilab.models.families import family_of
+    from t2ilab.noise import NoiseConfig
+
+    objective = family_of(cfg.model).objective
+    noise = NoiseConfig.from_dict(OmegaConf.to_container(cfg.noise, resolve=True))
+    noise.for_objective(objective, cfg.model.name)
+    name = cfg.get("sampling", {}).get("scheduler")
+    if name and (name in FLOW_SAMPLERS) != (objective == "flow"):
+        kind = "flow-matching" if objective == "flow" else "DDPM"
+        use = " or ".join(FLOW_SAMPLERS) if objective == "flow" else "e.g. DDIMScheduler"
+        raise UserError(
+            f"sampling.scheduler={name} cannot sample model={cfg.model.name}'s {kind} schedule: "
+            f"use {use} (or leave sampling.scheduler unset)"
+        )
+
+
 def check_prior_preservation(cfg: DictConfig) -> None:
     """Prior preservation that would silently drop out of the loss."""
     method = cfg.get("method") or {}

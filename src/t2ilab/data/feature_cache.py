@@ -450,6 +450,30 @@ def vae_image_encoder(
     return encode
 
 
+def condition_text_encoder(backbone, tokenizer) -> TextEncoder:
+    """An `encode_text` for `FeatureCache.build`: the backbone's own condition from its frozen
+    text encoders (PixArt: T5 states and mask; SD3: the joint CLIP + T5 sequence and pooled
+    projections; Flux: T5 states and CLIP's pooled output), as `backbone.cached_condition`
+    names it, for captions tokenized as a batch carries them (`tokenizer`'s ids and the text)."""
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        for encoder in backbone.text_encoders:
+            encoder.eval()  # T5 has dropout: cached features must not depend on it
+        ids = tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        device = next(backbone.text_encoders[0].parameters()).device
+        condition = backbone.encode_condition({"input_ids": ids.to(device), "prompt": captions})
+        return backbone.cached_condition(condition)
+
+    return encode
+
+
 def t5_text_encoder(tokenizer, text_encoder: torch.nn.Module, max_length: int = 120) -> TextEncoder:
     """An `encode_text` for `FeatureCache.build`: T5 features and attention mask exactly as
     `PixArtAlphaPipeline.encode_prompt` computes them (padded to `max_length`, truncated), as

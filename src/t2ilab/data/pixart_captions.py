@@ -24,8 +24,8 @@ from t2ilab.data.captioned import read_captioned_folder
 from t2ilab.data.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,
+    condition_text_encoder,
     default_cache_root,
-    t5_text_encoder,
     vae_image_encoder,
 )
 from t2ilab.data.loader import draw_rng, resumable_loader
@@ -124,7 +124,7 @@ class PixArtCaptionDataModule(T2IDataModule):
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids[0]
-        return {"input_ids": ids}
+        return {"input_ids": ids, "prompt": caption}  # the text too: SD3's and Flux's T5 read it
 
     @property
     def text_from_cache(self) -> bool:
@@ -148,7 +148,8 @@ class PixArtCaptionDataModule(T2IDataModule):
             **model_key,
             "resolution": self.resolution,
             "buckets": sorted(table.values()) if self.multi_aspect else None,
-            "max_length": int(self.tokenizer.model_max_length),
+            # The longest tokenizer's length (T5's, where there is one): what the features hold.
+            "max_length": max(int(t.model_max_length) for t in components.tokenizers),
             "vae": hashlib.sha256(
                 json.dumps(dict(components.vae.config), sort_keys=True, default=str).encode()
             ).hexdigest()[:16],
@@ -160,9 +161,7 @@ class PixArtCaptionDataModule(T2IDataModule):
         def transform(image):
             return resize_to_bucket(image, table)
 
-        encode_text = t5_text_encoder(
-            self.tokenizer, components.text_encoder, int(self.tokenizer.model_max_length)
-        )
+        encode_text = condition_text_encoder(components, self.tokenizer)
         cache.build(self.items, vae_image_encoder(components.vae, transform), encode_text)
         null = {k: v[0] for k, v in encode_text([""]).items()}
         self.dataset = _DropCaptions(

@@ -106,6 +106,11 @@ class Backbone:
         `text_grad`: gradients flow into the text encoders (some of them train)."""
         raise NotImplementedError
 
+    def cached_condition(self, condition: Any) -> dict[str, torch.Tensor]:
+        """The condition as the named tensors a feature cache stores and `encode_condition`
+        reads back from a batch (SD: prompt_embeds)."""
+        return {"prompt_embeds": condition}
+
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: Any):
         """The denoiser's prediction (epsilon, v or sample, as the schedule says)."""
         raise NotImplementedError

@@ -137,9 +137,7 @@ def export_pipeline(
     `base_components` (a Backbone) adds base_model/ for artefacts that need one.
     """
     out_dir = Path(out_dir)
-    sampler = make_sampler(
-        scheduler, module.objective.inference_config()
-    )
+    sampler = make_sampler(scheduler, module.objective.inference_config())
     with atomic_directory(out_dir) as tmp:
         module.save_artefact(tmp, sampler)
         if base_components is not None:  # a Backbone built from config

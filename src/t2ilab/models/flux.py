@@ -105,6 +105,9 @@ class FluxBackbone(Backbone):
             embeds, pooled = self.encode_prompt_ids(batch["input_ids"], batch.get("prompt"))
         return {"embeds": embeds, "pooled": pooled}
 
+    def cached_condition(self, condition) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": condition["embeds"], "pooled_prompt_embeds": condition["pooled"]}
+
     def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
         b, _, h, w = noisy_latents.shape
         embeds = condition["embeds"]

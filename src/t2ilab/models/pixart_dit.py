@@ -78,6 +78,9 @@ class PixArtBackbone(Backbone):
         added = {"resolution": batch.get("resolution"), "aspect_ratio": batch.get("aspect_ratio")}
         return {"embeds": embeds, "mask": mask, "added": added}
 
+    def cached_condition(self, condition) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": condition["embeds"], "prompt_mask": condition["mask"]}
+
     def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
         out = self.transformer(
             noisy_latents,

@@ -166,6 +166,9 @@ class StableDiffusionXLBackbone(Backbone):
         time_ids = self.time_ids(batch, embeds.shape[0]).to(embeds.device, embeds.dtype)
         return {"embeds": embeds, "pooled": pooled, "time_ids": time_ids}
 
+    def cached_condition(self, condition) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": condition["embeds"], "pooled_prompt_embeds": condition["pooled"]}
+
     def predict(self, noisy_latents, timesteps, condition) -> torch.Tensor:
         added = {"text_embeds": condition["pooled"], "time_ids": condition["time_ids"]}
         return self.unet(
