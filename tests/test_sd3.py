@@ -63,7 +63,7 @@ def test_a_batch_without_text_reads_it_back_from_the_clip_ids(tiny_sd3):
     assert torch.equal(condition["embeds"], embeds)
 
 
-STEPS = 80
+STEPS = 30
 
 
 def test_rectified_flow_training_lowers_the_loss(tiny_sd3):
@@ -74,20 +74,26 @@ def test_rectified_flow_training_lowers_the_loss(tiny_sd3):
     )
     assert module.objective.name == "flow" and module.objective.config["shift"] == 3.0
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
-    batch = {
-        **batch_of(tiny_sd3, ["a smooth ramp"] * 4),
-        "pixel_values": torch.stack([torch.stack([xx, yy, xx * yy])] * 4),
-    }
+    pixels = torch.stack([torch.stack([xx, yy, xx * yy])] * 4)
+    with torch.no_grad():  # the frozen encoders' outputs once, as the feature caches hand them
+        posterior = module.vae.encode(pixels).latent_dist
+        condition = module.encode_condition(batch_of(tiny_sd3, ["a smooth ramp"] * 4))
+    # The posterior's mean alone (std 0): a random VAE's posterior is wide, and its noise
+    # would swamp what the few steps can learn.
+    mean = posterior.mean
+    batch = {"latent_mean": mean, "latent_std": torch.zeros_like(mean), "condition": condition}
 
     def fixed_loss() -> float:  # at fixed noise and noise levels, comparable across steps
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
-            latents = module.encode_latents(batch["pixel_values"])
+            latents = (
+                posterior.mean - module.vae.config.shift_factor
+            ) * module.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=g)
             timesteps = torch.tensor([200.0, 400.0, 600.0, 800.0])
             noisy = module.objective.noised(latents, noise, timesteps)
             target = module.objective.target(latents, noise, timesteps)
-            prediction = module.predict(noisy, timesteps, module.encode_condition(batch))
+            prediction = module.predict(noisy, timesteps, condition)
             return torch.nn.functional.mse_loss(prediction, target).item()
 
     before = fixed_loss()
@@ -99,7 +105,7 @@ def test_rectified_flow_training_lowers_the_loss(tiny_sd3):
         loss.backward()
         optimizer.step()
     module.eval()
-    assert fixed_loss() < 0.8 * before  # 4.27 -> 3.12 here; a tiny MM-DiT learns slowly
+    assert fixed_loss() < 0.5 * before  # 1.57 -> 0.53 here
 
 
 QUICK = [
