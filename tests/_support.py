@@ -97,3 +97,35 @@ def run_sweep(config_name: str, args: list[str], sweep_dir: Path, timeout: int =
     return subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
     )
+
+
+# A two-step DreamBooth run on a real-config folder at 64 px: what the flow backbones' folder
+# tests train (tests/test_sd3.py, tests/test_flux.py).
+FOLDER_RUN = [
+    "model.resolution=64",
+    "data=dreambooth",
+    "method=dreambooth",
+    "method.prior_preservation=false",
+    "trainer.max_steps=2",
+    "method.lr=1e-3",
+    "sampling.num_inference_steps=2",
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.at_end=false",
+    "callbacks.model_checkpoint.every_n_train_steps=null",
+    "logger=csv",
+    "eval=none",
+]
+
+
+def assert_only_transformer_trained(export, base, frozen: tuple[str, ...]) -> None:
+    """The exported pipeline's transformer moved from the base's; its `frozen` parts did not."""
+    import torch
+
+    def pairs(name):
+        a, b = getattr(export, name).state_dict(), getattr(base, name).state_dict()
+        assert list(a) == list(b), name
+        return [(a[k], b[k]) for k in a]
+
+    assert max((a - b).abs().max().item() for a, b in pairs("transformer")) > 0
+    for name in frozen:
+        assert all(torch.equal(a, b) for a, b in pairs(name)), name

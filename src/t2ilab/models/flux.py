@@ -13,7 +13,6 @@ Batches carry CLIP's ids and the prompt text, which T5 tokenizes (as for SD3).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -29,9 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from t2ilab.models.backbone import Backbone
 from t2ilab.models.sd3 import MMDIT_LORA_TARGETS, load_t5_tokenizer, t5_ids
 from t2ilab.models.sdxl import load_sdxl_tokenizer
-from t2ilab.models.sources import plain, pretrained_source
-
-log = logging.getLogger(__name__)
+from t2ilab.models.sources import plain, pretrained_parts, tiny_parts
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -158,37 +155,24 @@ def load_flux_components(model_cfg: DictConfig | dict, tokenizer=None) -> FluxBa
         "tokenizer_2": load_t5_tokenizer(model_cfg, "tokenizer_2"),
     }
     if model_cfg.get("pretrained"):
-        source, kw = pretrained_source(model_cfg), {"revision": model_cfg.get("revision")}
-        weights = dict(kw, variant=model_cfg.get("variant"))
-        log.info("loading %s", source)
-        parts = {
-            "transformer": FluxTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", **weights
-            ),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            "text_encoder": CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", **weights
-            ),
-            "text_encoder_2": T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder_2", **weights
-            ),
+        classes = {
+            "transformer": FluxTransformer2DModel,
+            "vae": AutoencoderKL,
+            "text_encoder": CLIPTextModel,
+            "text_encoder_2": T5EncoderModel,
         }
-        scheduler_config = dict(
-            FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kw)
+        parts, scheduler_config = pretrained_parts(
+            model_cfg, classes, FlowMatchEulerDiscreteScheduler
         )
     else:
-        tiny = model_cfg["tiny"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(tiny.get("seed", 0)))
-            parts = {
-                "transformer": FluxTransformer2DModel(**tiny["transformer"]),
-                "vae": AutoencoderKL(**tiny["vae"]),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**tiny["text_encoder"])),
-                "text_encoder_2": T5EncoderModel(T5Config(**tiny["text_encoder_2"])),
-            }
-        scheduler_config = dict(tiny["scheduler"])
-    for module in parts.values():  # eval mode, as from_pretrained returns them
-        module.eval()
+        builders = {
+            "transformer": lambda c: FluxTransformer2DModel(**c),
+            "vae": lambda c: AutoencoderKL(**c),
+            "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+            "text_encoder_2": lambda c: T5EncoderModel(T5Config(**c)),
+        }
+        parts = tiny_parts(model_cfg["tiny"], builders)
+        scheduler_config = dict(model_cfg["tiny"]["scheduler"])
     return FluxBackbone(
         scheduler_config=scheduler_config,
         guidance_scale=float(model_cfg.get("guidance_scale", 3.5)),

@@ -12,7 +12,6 @@ is case-sensitive).
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -41,9 +40,13 @@ from t2ilab.models.sdxl import (
     second_tokenizer_ids,
     tokens_containing,
 )
-from t2ilab.models.sources import component_folder, plain, pretrained_source
-
-log = logging.getLogger(__name__)
+from t2ilab.models.sources import (
+    component_folder,
+    plain,
+    pretrained_parts,
+    pretrained_source,
+    tiny_parts,
+)
 
 # Attention projections of both streams of a joint-attention block, as diffusers' SD3 LoRA
 # examples target them: the image stream (to_q/k/v, to_out.0) and the text stream (add_*).
@@ -214,41 +217,24 @@ def load_sd3_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableD
         "tokenizer_3": load_t5_tokenizer(model_cfg, "tokenizer_3"),
     }
     if model_cfg.get("pretrained"):
-        source, kw = pretrained_source(model_cfg), {"revision": model_cfg.get("revision")}
-        weights = dict(kw, variant=model_cfg.get("variant"))
-        log.info("loading %s", source)
-        parts = {
-            "transformer": SD3Transformer2DModel.from_pretrained(
-                source, subfolder="transformer", **weights
-            ),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            "text_encoder": CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder", **weights
-            ),
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", **weights
-            ),
-            "text_encoder_3": T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder_3", **weights
-            ),
+        classes = {
+            "transformer": SD3Transformer2DModel,
+            "vae": AutoencoderKL,
+            "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection,
+            "text_encoder_3": T5EncoderModel,
         }
-        scheduler_config = dict(
-            FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", **kw)
+        parts, scheduler_config = pretrained_parts(
+            model_cfg, classes, FlowMatchEulerDiscreteScheduler
         )
     else:
-        tiny = model_cfg["tiny"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(tiny.get("seed", 0)))
-            parts = {
-                "transformer": SD3Transformer2DModel(**tiny["transformer"]),
-                "vae": AutoencoderKL(**tiny["vae"]),
-                "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**tiny["text_encoder"])),
-                "text_encoder_2": CLIPTextModelWithProjection(
-                    CLIPTextConfig(**tiny["text_encoder_2"])
-                ),
-                "text_encoder_3": T5EncoderModel(T5Config(**tiny["text_encoder_3"])),
-            }
-        scheduler_config = dict(tiny["scheduler"])
-    for module in parts.values():  # eval mode, as from_pretrained returns them
-        module.eval()
+        builders = {
+            "transformer": lambda c: SD3Transformer2DModel(**c),
+            "vae": lambda c: AutoencoderKL(**c),
+            "text_encoder": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
+            "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
+            "text_encoder_3": lambda c: T5EncoderModel(T5Config(**c)),
+        }
+        parts = tiny_parts(model_cfg["tiny"], builders)
+        scheduler_config = dict(model_cfg["tiny"]["scheduler"])
     return StableDiffusion3Backbone(scheduler_config=scheduler_config, **tokenizers, **parts)

@@ -5,12 +5,16 @@ imports neither."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def plain(cfg: Any) -> Any:
@@ -41,3 +45,29 @@ def component_folder(model_cfg: dict[str, Any], name: str) -> Path:
             "point it at a folder written by save_pretrained()"
         )
     return folder
+
+
+def pretrained_parts(
+    model_cfg: dict[str, Any], classes: dict[str, Any], scheduler_class: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each part `name` as `classes[name].from_pretrained(<model.pretrained>, subfolder=name)`
+    (revision and variant as the config says), and the scheduler's config."""
+    source, kw = pretrained_source(model_cfg), {"revision": model_cfg.get("revision")}
+    weights = dict(kw, variant=model_cfg.get("variant"))
+    log.info("loading %s", source)
+    parts = {
+        name: cls.from_pretrained(source, subfolder=name, **weights)
+        for name, cls in classes.items()
+    }
+    return parts, dict(scheduler_class.load_config(source, subfolder="scheduler", **kw))
+
+
+def tiny_parts(tiny: dict[str, Any], builders: dict[str, Any]) -> dict[str, Any]:
+    """Each part `name` built by `builders[name](tiny[name])` in this order under the config's
+    seed (the same weights on any machine), in eval mode as from_pretrained returns them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(tiny.get("seed", 0)))
+        parts = {name: build(tiny[name]) for name, build in builders.items()}
+    for part in parts.values():
+        part.eval()
+    return parts

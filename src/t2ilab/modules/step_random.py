@@ -45,45 +45,32 @@ class StepRandom:
     def _global_rows(self, rows: int) -> range:
         return range(self.rank * rows, (self.rank + 1) * rows)
 
-    def randn(self, stream: str, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+    def _per_row(self, draw, stream: str, shape: Sequence[int], **kw) -> torch.Tensor:
         """Row j of the global batch from its own generator: torch's CPU randn fills a tensor
         in size-dependent chunks, so a slice of a bigger draw would not equal a smaller draw."""
         rows = [
-            torch.randn(
+            draw(
                 tuple(shape[1:]),
                 generator=self.generator(f"{stream}/{j}"),
                 device=self.device,
-                dtype=dtype,
+                **kw,
             )
             for j in self._global_rows(int(shape[0]))
         ]
         return torch.stack(rows)
+
+    def randn(self, stream: str, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+        return self._per_row(torch.randn, stream, shape, dtype=dtype)
 
     def rand(self, stream: str, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         """Uniform on [0, 1), row by row as randn."""
-        rows = [
-            torch.rand(
-                tuple(shape[1:]),
-                generator=self.generator(f"{stream}/{j}"),
-                device=self.device,
-                dtype=dtype,
-            )
-            for j in self._global_rows(int(shape[0]))
-        ]
-        return torch.stack(rows)
+        return self._per_row(torch.rand, stream, shape, dtype=dtype)
 
     def randint(self, stream: str, shape: Sequence[int], high: int) -> torch.Tensor:
-        rows = [
-            torch.randint(
-                0,
-                high,
-                tuple(shape[1:]),
-                generator=self.generator(f"{stream}/{j}"),
-                device=self.device,
-            )
-            for j in self._global_rows(int(shape[0]))
-        ]
-        return torch.stack(rows)
+        def draw(size, **kw):
+            return torch.randint(0, high, size, **kw)
+
+        return self._per_row(draw, stream, shape)
 
 
 def grouped(draw, stream: str, shape: Sequence[int], num_first: int, **kw) -> torch.Tensor:
