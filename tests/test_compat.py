@@ -100,8 +100,6 @@ def test_the_matrix_refuses_exactly_the_cells_that_lack_parts():
         ("textual_inversion", "tiny_dit"),
         ("adapter", "tiny_dit"),
         ("textual_inversion", "tiny_sd3"),  # StableDiffusion3Pipeline has no TI loader
-        ("adapter", "tiny_sd3"),  # MM-DiT positions: not mapped yet
-        ("adapter", "tiny_flux"),
     }
 
 

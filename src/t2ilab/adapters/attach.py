@@ -1,8 +1,8 @@
 """Attach adapters to an unmodified diffusers denoiser through forward hooks and pre-hooks.
 
-The denoiser is SD's UNet, a PixArt or a DiT transformer. One adapter per `BasicTransformerBlock`
-(or per `ResnetBlock2D`). Where each position is read or written is tabled in
-`t2ilab.adapters.positions`; the hooks used, in the order they fire inside a transformer block::
+The denoiser is SD's UNet, a PixArt, DiT, SD3 or Flux transformer. One adapter per transformer
+block (`BasicTransformerBlock`, or a joint-attention block) or per `ResnetBlock2D`. Where each
+position is read or written is tabled in `t2ilab.adapters.positions`; the hooks used, in the order they fire inside a transformer block::
 
     block pre-hook   read SA_in / CA_c,   write SA_in   (replaces the `hidden_states` argument)
     attn1 hook       read SA_out,         write CA_in   (a1 + d; same residual as SA_out + d)
@@ -22,6 +22,17 @@ norm before cross-attention) and FFN_in at norm2's pre-hook (norm2 is the FFN's 
 is no norm3). DiT ("ada_norm_zero", no attn2) reads CA_in and FFN_in (the same h1) at norm3's pre-hook
 and has no CA_c, CA_out or FFN_in-output hook. Writes use the hooks above; on adaLN blocks the
 CA_in write (at attn1) reaches the residual as gate_msa * d (tabled in positions.py).
+
+A joint-attention block (SD3, Flux's double-stream blocks; `MMDIT_BLOCKS`) has one attention
+`attn` returning (image, text) and returns (text, image) itself; the hooks touch the image half
+of those tuples (`HookPoints.streams`)::
+
+    block pre-hook   read SA_in / CA_c,   write SA_in / CA_c  (hidden_states / encoder_hidden_states)
+    norm1 hook       gate_msa, for rebuilding h1
+    attn hook        read SA_out = CA_out, write CA_in = FFN_in  (a + d, gated like a)
+    norm2 pre-hook   read CA_in = FFN_in  (h1)
+    ff hook          read FFN_out
+    block hook       read Trans_out,      write Trans_out
 
 A pair whose input is read after the hook that writes its output (CA_in -> CA_in, FFN_in ->
 FFN_in) rebuilds the input at the writing hook from the residual stashed at an earlier hook
@@ -46,8 +57,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 from torch import nn
 
 from t2ilab.adapters.config import AdapterConfig
@@ -65,6 +77,12 @@ ATTN2_POST = ("attn2", "post")
 NORM3_PRE = ("norm3", "pre")
 FF_POST = ("ff", "post")
 BLOCK_POST = ("", "post")
+ATTN_POST = ("attn", "post")  # MM-DiT's joint attention: returns (image, text)
+
+# Joint-attention (MM-DiT) double-stream blocks: SD3's and Flux's. Their forwards are the same
+# up to the names of the arguments after the two streams.
+MMDIT_BLOCKS: tuple[type[nn.Module], ...] = (JointTransformerBlock, FluxTransformerBlock)
+TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (BasicTransformerBlock, *MMDIT_BLOCKS)
 
 # The tables of an SD block (norm_type "layer_norm"); `hook_points` derives the others.
 _READ = {
@@ -100,18 +118,68 @@ class HookPoints(NamedTuple):
     """Where one block's positions are read and written (events as above).
 
     read / write: position -> event; rebuilt: (inp, out) -> (read event, residual stashed at);
-    gate: where gate_msa is captured for rebuilding h1 (None: no gate, SD)."""
+    gate: where gate_msa is captured for rebuilding h1 (None: no gate, SD); context_arg: where
+    the block's forward takes the text (CA_c); streams: post events whose output is a tuple ->
+    the index of the image stream in it (MM-DiT)."""
 
     read: dict[str, tuple[str, str]]
     write: dict[str, tuple[str, str]]
     rebuilt: dict[tuple[str, str], tuple[tuple[str, str], tuple[str, str]]]
     gate: tuple[str, str] | None
+    context_arg: tuple[int, str] = (2, "encoder_hidden_states")
+    streams: dict[tuple[str, str], int] = {}
+
+
+# An MM-DiT double-stream block (tabled in positions.py): one joint attention is both the image
+# tokens' self- and cross-attention, so SA_out = CA_out (its image half) and CA_in = FFN_in (the
+# residual after it, norm2's input); CA_c is the text stream entering the block.
+_MMDIT_READ = {
+    "SA_in": BLOCK_PRE,
+    "CA_c": BLOCK_PRE,
+    "SA_out": ATTN_POST,
+    "CA_out": ATTN_POST,
+    "CA_in": NORM2_PRE,
+    "FFN_in": NORM2_PRE,
+    "FFN_out": FF_POST,
+    "Trans_out": BLOCK_POST,
+}
+_MMDIT_WRITE = {
+    "SA_in": BLOCK_PRE,
+    "CA_c": BLOCK_PRE,
+    "CA_in": ATTN_POST,  # a + d: reaches the residual as gate_msa * d
+    "FFN_in": ATTN_POST,
+    "Trans_out": BLOCK_POST,
+}
+# h1 is read after the attention hook that writes it: rebuilt there as h0 + gate_msa * a.
+_MMDIT_REBUILT = {
+    ("CA_in", "CA_in"): (ATTN_POST, BLOCK_PRE),
+    ("CA_in", "FFN_in"): (ATTN_POST, BLOCK_PRE),
+    ("FFN_in", "FFN_in"): (ATTN_POST, BLOCK_PRE),
+}
+
+
+def is_dual_attention(block: nn.Module) -> bool:
+    """SD3.5-Medium's MMDiT-X blocks: a second, image-only attention after the joint one."""
+    return bool(getattr(block, "use_dual_attention", False))
 
 
 def hook_points(block: nn.Module) -> HookPoints:
-    """The READ / WRITE / REBUILT tables of a block: a ResnetBlock2D, or a BasicTransformerBlock
-    of norm_type layer_norm (SD), ada_norm_single (PixArt) or ada_norm_zero (DiT). Positions that
-    the block lacks (no cross-attention) are absent from the tables."""
+    """The READ / WRITE / REBUILT tables of a block: a ResnetBlock2D, a BasicTransformerBlock of
+    norm_type layer_norm (SD), ada_norm_single (PixArt) or ada_norm_zero (DiT), or an MM-DiT
+    double-stream block (SD3's JointTransformerBlock, Flux's FluxTransformerBlock). Positions
+    that the block lacks (no cross-attention) are absent from the tables."""
+    if isinstance(block, MMDIT_BLOCKS):
+        # On a dual-attention block h1 also holds the second attention's output, which the
+        # attention hook cannot see yet: no rebuilt pairs there (refused at attach).
+        rebuilt = {} if is_dual_attention(block) else dict(_MMDIT_REBUILT)
+        return HookPoints(
+            dict(_MMDIT_READ),
+            dict(_MMDIT_WRITE),
+            rebuilt,
+            NORM1_POST,
+            context_arg=(1, "encoder_hidden_states"),
+            streams={ATTN_POST: 0, BLOCK_POST: 1},
+        )
     if isinstance(block, ResnetBlock2D):
         return HookPoints(
             {k: _READ[k] for k in ("Res_in", "Res_out")},
@@ -146,7 +214,6 @@ def hook_points(block: nn.Module) -> HookPoints:
 
 # The argument a pre-hook reads or replaces: (index in *args, keyword), from each forward's signature.
 _HIDDEN_ARG = (0, "hidden_states")  # BasicTransformerBlock.forward
-_CONTEXT_ARG = (2, "encoder_hidden_states")  # BasicTransformerBlock.forward
 _TIMESTEP_ARG = (4, "timestep")  # BasicTransformerBlock.forward
 _RES_INPUT_ARG = (0, "input_tensor")  # ResnetBlock2D.forward
 _ATTN_HIDDEN_ARG = (0, "hidden_states")  # Attention.forward
@@ -188,19 +255,26 @@ class _PreHook:
         stream = _get_arg(args, kwargs, self.where)
         read = stream
         if self.event == BLOCK_PRE and self.owner.inp == "CA_c":
-            read = _get_arg(args, kwargs, _CONTEXT_ARG)
+            read = _get_arg(args, kwargs, self.owner.points.context_arg)
         new = self.owner.step(self.event, stream, read)
         return None if new is None else _set_arg(args, kwargs, self.where, new)
 
 
 class _PostHook:
-    """A forward hook that hands the module's output to `_BlockHooks.step`."""
+    """A forward hook that hands the module's output to `_BlockHooks.step`; of a tuple output
+    (MM-DiT's attention and block), the image stream only, put back in its place."""
 
     def __init__(self, owner: _BlockHooks, event: tuple[str, str]):
         self.owner, self.event = owner, event
 
     def __call__(self, _module, _args, output):
-        return self.owner.step(self.event, output, output)
+        index = self.owner.points.streams.get(self.event)
+        if index is None:
+            return self.owner.step(self.event, output, output)
+        new = self.owner.step(self.event, output[index], output[index])
+        if new is None:
+            return None
+        return (*output[:index], new, *output[index + 1 :])
 
 
 class _GateHook:
@@ -212,7 +286,8 @@ class _GateHook:
         self.owner = owner
 
     def __call__(self, module, args, kwargs_or_output):
-        if isinstance(kwargs_or_output, tuple):  # DiT norm1: (x, gate_msa, shift, scale, gate_mlp)
+        # DiT's and MM-DiT's norm1: (x, gate_msa, shift, scale, gate_mlp)
+        if isinstance(kwargs_or_output, tuple):
             self.owner.gate = kwargs_or_output[1].unsqueeze(1)
             return None
         hidden = _get_arg(args, kwargs_or_output, _HIDDEN_ARG)
@@ -233,11 +308,11 @@ class _BlockHooks:
         self.adapter = adapter
         self.block = block
         self.inp, self.out = inp, out
-        points = hook_points(block)
+        self.points = points = hook_points(block)
         self.write_event = points.write[out]
         self.read_event, self.stash_event = points.rebuilt.get((inp, out), (points.read[inp], None))
-        if (inp, out) == ("CA_c", "CA_c"):
-            self.read_event = ATTN2_PRE
+        if (inp, out) == ("CA_c", "CA_c"):  # the context as this block's attention gets it
+            self.read_event = self.write_event
         self.pending: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
         self.gate: torch.Tensor | None = None
@@ -263,8 +338,12 @@ class _BlockHooks:
             where = _ATTN_CONTEXT_ARG if "CA_c" in (self.inp, self.out) else _ATTN_HIDDEN_ARG
         elif attr:
             where = _NORM_INPUT_ARG
+        elif isinstance(self.block, ResnetBlock2D):
+            where = _RES_INPUT_ARG
+        elif self.out == "CA_c":  # MM-DiT writes the text stream at the block's entry
+            where = self.points.context_arg
         else:
-            where = _RES_INPUT_ARG if isinstance(self.block, ResnetBlock2D) else _HIDDEN_ARG
+            where = _HIDDEN_ARG
         return module.register_forward_pre_hook(_PreHook(self, event, where), with_kwargs=True)
 
     def step(self, event, stream: torch.Tensor, read: torch.Tensor | None):
@@ -394,12 +473,16 @@ def _denoiser_name(denoiser: nn.Module) -> str:
 
 
 def _find_blocks(denoiser: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
-    kind = BasicTransformerBlock if config.targets == "transformer" else ResnetBlock2D
+    """The blocks adapters go on. On Flux these are the double-stream blocks only: a
+    single-stream block runs attention and MLP side by side on the joined text and image
+    tokens, so it has no SA_out -> FFN_in order to place Xiang et al.'s positions on."""
+    kind = TRANSFORMER_BLOCKS if config.targets == "transformer" else ResnetBlock2D
     blocks = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, kind)]
     what = _denoiser_name(denoiser)
+    kind_name = "transformer block" if config.targets == "transformer" else "ResnetBlock2D"
     if not blocks:
         raise UserError(
-            f"The {what} has no {kind.__name__} modules to attach {config.targets} adapters to."
+            f"The {what} has no {kind_name} modules to attach {config.targets} adapters to."
         )
     if config.block_filter is not None:
         pattern = re.compile(config.block_filter)
@@ -407,13 +490,39 @@ def _find_blocks(denoiser: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         if not chosen:
             raise UserError(
                 f"Adapter block_filter {config.block_filter!r} matches none of the {what}'s "
-                f"{len(blocks)} {kind.__name__} modules (e.g. {blocks[0][0]!r})."
+                f"{len(blocks)} {kind_name} modules (e.g. {blocks[0][0]!r})."
             )
         blocks = chosen
     return blocks
 
 
+def _mmdit_adapter(name: str, block: nn.Module, config: AdapterConfig) -> nn.Module:
+    inp, out = config.input_position, config.output_position
+    if is_dual_attention(block) and (inp, out) in _MMDIT_REBUILT:
+        raise UserError(
+            f"Adapter {inp} -> {out} rebuilds the residual after attention, but {name!r} is a "
+            "dual-attention (MMDiT-X) block whose residual also holds a second attention; choose "
+            "another pair, or leave those blocks out with method.block_filter."
+        )
+    dim = block.norm2.normalized_shape[0]  # both streams have this width inside the blocks
+    return TransformerAdapter(
+        dim,
+        dim,
+        config.rank,
+        config.activation,
+        config.scale,
+        pool_tokens=(inp == "CA_c" and out != "CA_c"),
+    )
+
+
+def has_cross_attention(block: nn.Module) -> bool:
+    """Whether a transformer block's image tokens attend to the text (MM-DiT: jointly)."""
+    return isinstance(block, MMDIT_BLOCKS) or block.attn2 is not None
+
+
 def _transformer_adapter(name: str, block: nn.Module, config: AdapterConfig) -> nn.Module:
+    if isinstance(block, MMDIT_BLOCKS):
+        return _mmdit_adapter(name, block, config)
     attn2 = block.attn2
     if (
         getattr(block, "norm_type", None) not in SUPPORTED_NORM_TYPES
@@ -500,7 +609,7 @@ def attach_adapters(
         )
     blocks = _find_blocks(unet, config)
     if config.targets == "transformer":
-        _refuse_missing(unet, config, all(block.attn2 is not None for _, block in blocks), True)
+        _refuse_missing(unet, config, all(has_cross_attention(b) for _, b in blocks), True)
     try:
         device = next(unet.parameters()).device
     except StopIteration:

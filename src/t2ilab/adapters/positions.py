@@ -94,6 +94,44 @@ Outputs are written at the same hooks as on SD, so two of them reach the residua
 Blocks without cross-attention (DiT) have no CA_c, no CA_out and no hook that writes FFN_in;
 CA_in as an input is h1, which there is also FFN_in (h2 = h1). `missing_parts` says, before any
 weights load, which pairs a denoiser cannot take (also ResBlock positions on a transformer).
+
+Joint-attention (MM-DiT) blocks: SD3's `JointTransformerBlock`, Flux's double-stream
+`FluxTransformerBlock`. An image stream x and a text stream c each have their own adaLN-Zero
+modulation, feed-forward and residual; ONE attention runs over both token sets. For the image
+tokens it is the self-attention and the cross-attention at once, so the image stream has one
+attention sub-block, then the FFN::
+
+    h0 = image stream entering the block              <- SA_in
+    c0 = text stream entering the block               <- CA_c     (the text stream's counterpart)
+    a, ca = attn(mod(norm1(h0)), mod(norm1_context(c0)))
+    a  = the joint attention's image half             <- SA_out = CA_out
+    h1 = h0 + gate_msa * a                            <- CA_in = FFN_in   (norm2's input)
+    f  = ff(mod_mlp(norm2(h1)))                       <- FFN_out
+    h2 = h1 + gate_mlp * f = image output             <- Trans_out
+    (the text stream goes on the same way: c1 = c0 + c_gate_msa * ca, its own FFN; SD3's last
+    block drops it)
+
+    =============  ========================================  ===================================
+    output         hook                                      effect on the streams
+    =============  ========================================  ===================================
+    SA_in          block pre-hook (hidden_states)            h0 + d
+    CA_c           block pre-hook (encoder_hidden_states)    c0 + d: the text this block's
+                                                             attention sees, and (as c is a
+                                                             residual stream here) later blocks
+    CA_in, FFN_in  attention forward hook: a + d             h1 + gate_msa * d   (gated)
+    Trans_out      block forward hook (image output)         h2 + d
+    =============  ========================================  ===================================
+
+So on these blocks SA_out and CA_out name the same input, CA_in and FFN_in the same input and
+the same output: the paper's best pair CA_out -> FFN_in reads the joint attention's image half
+and adds it, gated, to the residual entering the FFN. CA_c is the text stream's counterpart
+(read and written where the text enters the block); the text stream's own attention output and
+FFN are not positions. Every valid pair of the paper's grid attaches; a sweep over the full grid
+therefore holds some configurations twice under two names. CA_c -> an image output mean-pools
+over the text tokens, as on SD. Flux's single-stream blocks (attention and MLP side by side on
+the joined tokens) have no such order and get no adapters. SD3.5-Medium's dual-attention
+(MMDiT-X) blocks add a second, image-only attention to h1, so the pairs that rebuild h1 (CA_in /
+FFN_in -> CA_in / FFN_in) are refused there (`t2ilab.adapters.attach`).
 """
 
 from __future__ import annotations

@@ -113,9 +113,7 @@ def generate_images(
     was_training = module.training
     module.eval()
     try:
-        sampler = make_sampler(
-            scheduler_name, module.objective.inference_config()
-        )
+        sampler = make_sampler(scheduler_name, module.objective.inference_config())
         pipe = module.pipeline(sampler)
         images = []
         for prompt in prompts:

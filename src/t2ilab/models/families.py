@@ -16,7 +16,6 @@ class Family:
     cross_attention: bool  # its transformer blocks attend to a condition
     resblocks: bool  # its denoiser has ResBlocks (a UNet)
     objective: str = "ddpm"  # what its pipeline samples: ddpm (beta schedules) or flow
-    mmdit: bool = False  # joint attention over text and image tokens (SD3, Flux)
 
 
 FAMILIES = {
@@ -34,10 +33,9 @@ FAMILIES = {
         text=True,
         textual_inversion=False,  # StableDiffusion3Pipeline has no textual-inversion loader
         text_lora=False,
-        cross_attention=False,
+        cross_attention=True,  # joint attention: the image tokens attend to the text
         resblocks=False,
         objective="flow",
-        mmdit=True,
     ),
     "flux": Family(
         "flux",
@@ -45,10 +43,9 @@ FAMILIES = {
         text=True,
         textual_inversion=True,  # FluxPipeline loads embeddings into CLIP-L
         text_lora=False,
-        cross_attention=False,
+        cross_attention=True,  # joint attention: the image tokens attend to the text
         resblocks=False,
         objective="flow",
-        mmdit=True,
     ),
 }
 

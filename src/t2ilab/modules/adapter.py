@@ -1,6 +1,6 @@
 """Adapters of the Xiang et al. 2023 design space on a frozen denoiser (t2ilab.adapters): the
-BasicTransformerBlocks of SD, SDXL and PixArt (and DiT's, without cross-attention), or a UNet's
-ResBlocks."""
+BasicTransformerBlocks of SD, SDXL and PixArt (and DiT's, without cross-attention), the
+joint-attention blocks of SD3 and Flux, or a UNet's ResBlocks."""
 
 from __future__ import annotations
 
@@ -35,11 +35,6 @@ class AdapterModule(ParameterEfficientModule):
 
     @classmethod
     def refusal(cls, family: Family, method_cfg) -> str | None:
-        if family.mmdit:
-            return (
-                f"adapters: the positions in the joint-attention blocks of {family.description} "
-                "are not mapped yet; use method=lora or method=full"
-            )
         reason = missing_parts(
             str(method_cfg.input_position),
             str(method_cfg.output_position),

@@ -55,10 +55,9 @@ class TextualInversionModule(ParameterEfficientModule):
                 "method=full or method=lora"
             )
         if not family.textual_inversion:
-            instead = "method=lora" if family.mmdit else "method=lora or method=adapter"
             return (
                 f"textual inversion: {family.description} has no stock loader for learned "
-                f"embeddings; use {instead}"
+                "embeddings; use method=lora or method=adapter"
             )
         return super().refusal(family, method_cfg)
 
