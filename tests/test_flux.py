@@ -108,3 +108,31 @@ def test_flux1_loads_a_folder_with_the_real_configs_and_trains(variant, tmp_path
     base = FluxPipeline.from_pretrained(folder)
     assert export.scheduler.config.use_dynamic_shifting == (variant == "dev")
     assert_only_transformer_trained(export, base, ("vae", "text_encoder", "text_encoder_2"))
+
+
+def test_toy_flux_trains_over_the_shipped_toy_parts_and_exports_a_stock_pipeline(tmp_path):
+    """model=toy_flux_init: a new Flux transformer over the toy VAE, with the toy CLIP text tower
+    in both text slots; the export (with shift_factor 0 added to the SD-style VAE) samples in
+    stock FluxPipeline, and the shipped parts come back unchanged."""
+    cfg = compose_cfg(["model=toy_flux_init", *FOLDER_RUN], tmp_path / "run")
+    backbone = load_components(cfg.model)
+    assert type(backbone.text_encoder_2).__name__ == "CLIPTextModel"
+    assert backbone.vae.config.shift_factor == 0.0
+    assert not backbone.transformer.config.guidance_embeds
+    result = train_module.train(cfg)
+    assert result["steps"] == 2
+    export = FluxPipeline.from_pretrained(train_module.export_dir(cfg))
+    shipped = backbone.text_encoder.state_dict()  # both slots load the same toy tower
+    for name in ("text_encoder", "text_encoder_2"):
+        for key, value in getattr(export, name).state_dict().items():
+            assert torch.equal(value, shipped[key]), (name, key)
+    image = export(
+        "a red star",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    assert image.shape == (64, 64, 3) and 0.0 <= image.min() and image.max() <= 1.0

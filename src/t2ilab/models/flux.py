@@ -171,8 +171,12 @@ def load_flux_components(model_cfg: DictConfig | dict, tokenizer=None) -> FluxBa
             "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c)),
             "text_encoder_2": lambda c: T5EncoderModel(T5Config(**c)),
         }
-        parts = tiny_parts(model_cfg["tiny"], builders)
+        parts = tiny_parts(model_cfg, builders)
         scheduler_config = dict(model_cfg["tiny"]["scheduler"])
+    if parts["vae"].config.get("shift_factor") is None:
+        # FluxPipeline adds vae.config.shift_factor unconditionally; an SD-style VAE (the toy
+        # one) has none, which means 0.
+        parts["vae"].register_to_config(shift_factor=0.0)
     return FluxBackbone(
         scheduler_config=scheduler_config,
         guidance_scale=float(model_cfg.get("guidance_scale", 3.5)),

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -20,10 +19,10 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
-from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
+from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
 from t2ilab.models.backbone import Backbone
-from t2ilab.models.sources import component_folder, plain, pretrained_source
+from t2ilab.models.sources import component_folder, load_text_encoder, plain, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +189,6 @@ def load_t5_tokenizer(model_cfg: dict[str, Any]):
         tokenizer = ByT5Tokenizer()
     tokenizer.model_max_length = max_length
     return tokenizer
-
-
-def load_text_encoder(source, **kwargs):
-    """The text encoder as the class its config names, as diffusers loads a pipeline's parts:
-    T5EncoderModel for PixArt-alpha (AutoModel would build a T5 with a decoder), CLIPTextModel
-    for the toy PixArt."""
-    config = AutoConfig.from_pretrained(
-        source, subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision")
-    )
-    name = (getattr(config, "architectures", None) or ["T5EncoderModel"])[0]
-    return getattr(transformers, name).from_pretrained(source, **kwargs)
 
 
 def _vae(model_cfg: dict[str, Any]) -> AutoencoderKL:

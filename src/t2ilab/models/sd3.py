@@ -235,6 +235,6 @@ def load_sd3_components(model_cfg: DictConfig | dict, tokenizer=None) -> StableD
             "text_encoder_2": lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)),
             "text_encoder_3": lambda c: T5EncoderModel(T5Config(**c)),
         }
-        parts = tiny_parts(model_cfg["tiny"], builders)
+        parts = tiny_parts(model_cfg, builders)
         scheduler_config = dict(model_cfg["tiny"]["scheduler"])
     return StableDiffusion3Backbone(scheduler_config=scheduler_config, **tokenizers, **parts)

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
 from t2ilab.errors import UserError
 
@@ -62,12 +65,37 @@ def pretrained_parts(
     return parts, dict(scheduler_class.load_config(source, subfolder="scheduler", **kw))
 
 
-def tiny_parts(tiny: dict[str, Any], builders: dict[str, Any]) -> dict[str, Any]:
-    """Each part `name` built by `builders[name](tiny[name])` in this order under the config's
-    seed (the same weights on any machine), in eval mode as from_pretrained returns them."""
+def load_text_encoder(source, **kwargs):
+    """A text encoder as the class its config names, as diffusers loads a pipeline's parts:
+    T5EncoderModel for PixArt-alpha or Flux (AutoModel would build a T5 with a decoder),
+    CLIPTextModel for the toy models' text tower in T5's place."""
+    config = AutoConfig.from_pretrained(
+        source, subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision")
+    )
+    name = (getattr(config, "architectures", None) or ["T5EncoderModel"])[0]
+    return getattr(transformers, name).from_pretrained(source, **kwargs)
+
+
+def load_component(model_cfg: dict[str, Any], name: str):
+    """The part `name` from its model.components folder: a VAE, or a text encoder."""
+    folder = component_folder(model_cfg, name)
+    if name == "vae":
+        return AutoencoderKL.from_pretrained(folder)
+    return load_text_encoder(folder)
+
+
+def tiny_parts(model_cfg: dict[str, Any], builders: dict[str, Any]) -> dict[str, Any]:
+    """Each part `name` built by `builders[name](model.tiny[name])` in this order under the
+    config's seed (the same weights on any machine), or loaded from model.components.NAME when
+    the config names a folder for it (a new denoiser over pretrained parts, as the toy models are
+    pretrained); in eval mode as from_pretrained returns them."""
+    tiny, components = model_cfg["tiny"], model_cfg.get("components") or {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(tiny.get("seed", 0)))
-        parts = {name: build(tiny[name]) for name, build in builders.items()}
+        parts = {
+            name: load_component(model_cfg, name) if components.get(name) else build(tiny[name])
+            for name, build in builders.items()
+        }
     for part in parts.values():
         part.eval()
     return parts
