@@ -36,6 +36,8 @@ class Backbone:
     # peft target modules for LoRA on the denoiser (diffusers' attention projections).
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # The text encoders LoRA may train: those the pipeline's LoRA loader takes (None: all).
+    lora_text_encoder_names: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, scheduler_config: dict[str, Any], **parts: Any):
         object.__setattr__(self, "_parts", dict(parts))
@@ -80,6 +82,10 @@ class Backbone:
     @property
     def text_encoders(self) -> list[nn.Module]:
         return [getattr(self, n) for n in self.text_encoder_names]
+
+    def takes_text_lora(self, name: str) -> bool:
+        """Whether the pipeline's LoRA loader takes LoRA on the text encoder `name`."""
+        return self.lora_text_encoder_names is None or name in self.lora_text_encoder_names
 
     @property
     def tokenizers(self) -> list[Any]:

@@ -32,7 +32,7 @@ FAMILIES = {
         "an SD3 MM-DiT with CLIP-L, CLIP-G and T5 text",
         text=True,
         textual_inversion=False,  # StableDiffusion3Pipeline has no textual-inversion loader
-        text_lora=False,
+        text_lora=True,  # the CLIP encoders' (the loader takes no T5 LoRA)
         cross_attention=True,  # joint attention: the image tokens attend to the text
         resblocks=False,
         objective="flow",
@@ -42,7 +42,7 @@ FAMILIES = {
         "a Flux MM-DiT with CLIP-L and T5 text",
         text=True,
         textual_inversion=True,  # FluxPipeline loads embeddings into CLIP-L
-        text_lora=False,
+        text_lora=True,  # the CLIP encoders' (the loader takes no T5 LoRA)
         cross_attention=True,  # joint attention: the image tokens attend to the text
         resblocks=False,
         objective="flow",

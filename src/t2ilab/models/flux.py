@@ -57,6 +57,7 @@ class FluxBackbone(Backbone):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     # Both streams of the double blocks; the single blocks' attention has to_q/k/v too.
     lora_target_modules = MMDIT_LORA_TARGETS
+    lora_text_encoder_names = ("text_encoder",)  # FluxPipeline loads CLIP-L's LoRA, not T5's
     patch_size = 2  # latents are packed 2x2 into tokens
 
     def __init__(

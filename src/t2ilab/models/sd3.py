@@ -99,6 +99,8 @@ class StableDiffusion3Backbone(Backbone):
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    # StableDiffusion3Pipeline.load_lora_weights takes CLIP-L's and CLIP-G's, not T5's.
+    lora_text_encoder_names = ("text_encoder", "text_encoder_2")
     lora_target_modules = MMDIT_LORA_TARGETS
 
     def __init__(

@@ -65,13 +65,23 @@ class LoRAModule(ParameterEfficientModule):
         add_lora(self.denoiser, config(target_modules or backbone.lora_target_modules))
         if train_text_encoder:
             targets = text_encoder_target_modules or backbone.text_lora_target_modules
-            for encoder in backbone.text_encoders:
-                add_lora(encoder, config(targets))
+            for name in self.text_lora_names:
+                add_lora(getattr(backbone, name), config(targets))
+
+    @property
+    def text_lora_names(self) -> list[str]:
+        """The text encoders with LoRA: those the pipeline's loader takes (SD3: the two CLIPs;
+        Flux: CLIP-L; T5 stays frozen), when text-encoder LoRA is on."""
+        if not self.lora_train_text_encoder:
+            return []
+        names = self.backbone.text_encoder_names
+        return [n for n in names if self.backbone.takes_text_lora(n)]
 
     def save_weights(self, folder: Path) -> None:
         text_layers, text_configs = [], []
-        for encoder in self.backbone.text_encoders:
-            trained = self.lora_train_text_encoder
+        for name in self.backbone.text_encoder_names:
+            encoder = getattr(self.backbone, name)
+            trained = name in self.text_lora_names
             text_layers.append(
                 convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
                 if trained

@@ -378,13 +378,22 @@ def batched_images(call, items: list, batch_size: int = 32) -> list[Image.Image]
 
 
 def prompt_following_images(
-    pipe, scenes: list[Scene], seed: int, steps: int, guidance: float, batch_size: int = 32
+    pipe,
+    scenes: list[Scene],
+    seed: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 32,
+    size: int | None = None,
 ) -> list[Image.Image]:
-    """One image per scene's dense caption, seeded once from `seed`."""
+    """One image per scene's dense caption, seeded once from `seed`, `size` pixels square (None:
+    the pipeline's default, which SD and PixArt take from the model; FluxPipeline's is 1024)."""
     from t2ilab.models.pipelines import pipeline_call_kwargs
 
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+    if size is not None:
+        kwargs.update(height=size, width=size)
     kwargs.update(pipeline_call_kwargs(pipe))
     return batched_images(
         lambda batch: pipe([dense_caption(s) for s in batch], **kwargs), scenes, batch_size
@@ -414,8 +423,17 @@ def prompt_following(scenes: list[Scene], images: list[Image.Image]) -> dict[str
 
 
 @torch.no_grad()
-def sd_quality(pipe, seed: int = EVAL_SEED, n: int = 32, steps: int = 25, guidance: float = 4.0):
-    """How well a toy pipeline (Stable Diffusion or PixArt) follows the colours and shape of
-    `n` dense prompts of a large plain centred shape on a plain background (`prompt_following`)."""
+def sd_quality(
+    pipe,
+    seed: int = EVAL_SEED,
+    n: int = 32,
+    steps: int = 25,
+    guidance: float = 4.0,
+    size: int | None = None,
+):
+    """How well a toy pipeline (Stable Diffusion, PixArt or Flux) follows the colours and shape of
+    `n` dense prompts of a large plain centred shape on a plain background (`prompt_following`);
+    `size`: the image side to render at (None: the pipeline's default)."""
     scenes = sd_color_scenes(seed, n)
-    return prompt_following(scenes, prompt_following_images(pipe, scenes, seed, steps, guidance))
+    images = prompt_following_images(pipe, scenes, seed, steps, guidance, size=size)
+    return prompt_following(scenes, images)

@@ -62,6 +62,9 @@ SHARED = (
     ("vae", "toy_vae", _same_weights),
     ("tokenizer", "toy_clip", _same_tokenizer),
     ("text_encoder", "toy_sd/text_encoder", _same_weights),
+    # the toy Flux holds the same tower and tokenizer in T5's slots too
+    ("tokenizer_2", "toy_clip", _same_tokenizer),
+    ("text_encoder_2", "toy_sd/text_encoder", _same_weights),
 )
 
 
@@ -121,12 +124,20 @@ def stage_records(run: Path) -> list[dict]:
     return records
 
 
+def _resolution(run: Path) -> int | None:
+    import yaml
+
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    return (config.get("model") or {}).get("resolution")
+
+
 def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
     """training.json + samples.png in `export`, from the run folder that trained it (and, for
     a staged model, the runs before it). `quality_kwargs` go to `quality.sd_quality` (n,
     steps: the defaults are what the shipped records hold)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
+    from t2ilab.flow import is_flow_config
     from t2ilab.toy import quality
     from t2ilab.toy.pretrain import GRID_NAME, versions
     from t2ilab.utils.atomic import write_json_atomic
@@ -136,8 +147,11 @@ def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
     if grids:
         shutil.copyfile(grids[-1], export / GRID_NAME)
     pipe = DiffusionPipeline.from_pretrained(export, safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow_config(pipe.scheduler.config):  # a flow model keeps its own sampler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if "size" not in quality_kwargs:  # the training resolution (FluxPipeline's default is 1024)
+        quality_kwargs["size"] = _resolution(run)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     last = stages[-1]
     summary = {
