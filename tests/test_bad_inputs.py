@@ -55,6 +55,10 @@ CASES = {
         "has no {identifier}",
     ),
     "prior without class": (lambda t: ["data.class_noun=null"], "set data.class_noun=NOUN"),
+    "one image per prompt with DIV": (
+        lambda t: ["eval.images_per_prompt=1"],
+        "DIV compares images of the same prompt.*eval.div_distance=null",
+    ),
     "resolution not divisible": (
         lambda t: ["data.resolution=63"],
         "not a multiple of the VAE factor 4.*use 60 or 64",

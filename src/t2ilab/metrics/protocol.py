@@ -85,8 +85,14 @@ class DreamBoothProtocol:
                     f"eval.reference_dir={reference} has {n} images: FID/KID need a folder of at "
                     "least 2 real images (thousands for a stable FID), or set eval.reference_dir=null"
                 )
-        if int(self.cfg.get("images_per_prompt", 0)) < 1:
+        n = int(self.cfg.get("images_per_prompt", 0))
+        if n < 1:
             raise UserError("eval.images_per_prompt must be >= 1 (the paper uses 4)")
+        if n < 2 and self.cfg.get("div_distance") is not None:
+            raise UserError(
+                f"eval.images_per_prompt={n}: DIV compares images of the same prompt, so it needs "
+                "at least 2 (the paper uses 4); raise it, or set eval.div_distance=null to skip div"
+            )
 
     def evaluators(self) -> tuple[DinoEmbedder, ClipEmbedder]:
         if self._evaluators is None:
