@@ -51,6 +51,13 @@ def test_base_model_gives_comparable_before_numbers(trained, tmp_path):
     assert before != {k: after[k] for k in before}  # fine-tuning changed the model
 
 
+def test_a_flow_base_model_evaluates_with_its_own_sampler(tmp_path):
+    """evaluate.py's sampler defaults to the objective's own: FlowMatchEuler for Flux."""
+    proc, results = _evaluate(["model=tiny_flux", "eval=tiny", *EVAL_FAST], tmp_path / "base")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(json.loads(results.read_text())["metrics"]) >= METRICS
+
+
 @pytest.mark.slow
 def test_fid_and_kid_against_a_reference_folder(trained, tmp_path):
     reference = ROOT / "data" / "example_subject"
@@ -75,6 +82,8 @@ KINDS = {
     "textual_inversion": ["experiment=textual_inversion"],  # tiny_sd
     "adapters": ["experiment=adapter_dreambooth", "model=tiny_sd"],
     "pixart": ["experiment=dreambooth_pixart"],  # tiny_pixart
+    "flux": ["experiment=dreambooth", "model=tiny_flux"],  # a flow-matching export
+    "sd3_adapters": ["experiment=adapter_dreambooth", "model=tiny_sd3"],
     "dit": [  # class-conditional: scored as its run was, eval=toy_alignment
         "experiment=toy_pixart_stage1",
         "eval.toy_alignment.n=8",
