@@ -13,6 +13,7 @@ import torch
 from _support import (  # compose_cfg sets T2ILAB_ROOT
     CONF,
     FOLDER_RUN,
+    ROOT,
     assert_only_transformer_trained,
     compose_cfg,
 )
@@ -136,3 +137,18 @@ def test_toy_flux_trains_over_the_shipped_toy_parts_and_exports_a_stock_pipeline
         output_type="np",
     ).images[0]
     assert image.shape == (64, 64, 3) and 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_a_folder_loads_each_text_encoder_as_the_class_its_config_names(tmp_path):
+    """model=toy_flux keeps toy_clip's tower in T5's slot: it loads as that CLIPTextModel with
+    its trained weights, not as a T5 with fresh ones."""
+    from transformers import CLIPTextModel
+
+    cfg = compose_cfg(["model=toy_flux"], tmp_path / "run")
+    backbone = load_components(cfg.model)
+    tower = CLIPTextModel.from_pretrained(ROOT / "models" / "toy" / "toy_sd" / "text_encoder")
+    for encoder in (backbone.text_encoder, backbone.text_encoder_2):
+        assert type(encoder) is CLIPTextModel
+        own, shipped = encoder.state_dict(), tower.state_dict()
+        assert own.keys() == shipped.keys()
+        assert all(torch.equal(own[k], shipped[k]) for k in own)

@@ -54,26 +54,32 @@ def pretrained_parts(
     model_cfg: dict[str, Any], classes: dict[str, Any], scheduler_class: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each part `name` as `classes[name].from_pretrained(<model.pretrained>, subfolder=name)`
-    (revision and variant as the config says), and the scheduler's config."""
+    (revision and variant as the config says), and the scheduler's config. A text encoder loads
+    as the class its config names (the toy Flux keeps a CLIP tower in T5's slot), `classes`
+    giving the class for a config that names none."""
     source, kw = pretrained_source(model_cfg), {"revision": model_cfg.get("revision")}
     weights = dict(kw, variant=model_cfg.get("variant"))
     log.info("loading %s", source)
     parts = {
-        name: cls.from_pretrained(source, subfolder=name, **weights)
+        name: load_text_encoder(source, default=cls, subfolder=name, **weights)
+        if name.startswith("text_encoder")
+        else cls.from_pretrained(source, subfolder=name, **weights)
         for name, cls in classes.items()
     }
     return parts, dict(scheduler_class.load_config(source, subfolder="scheduler", **kw))
 
 
-def load_text_encoder(source, **kwargs):
+def load_text_encoder(source, default=None, **kwargs):
     """A text encoder as the class its config names, as diffusers loads a pipeline's parts:
     T5EncoderModel for PixArt-alpha or Flux (AutoModel would build a T5 with a decoder),
-    CLIPTextModel for the toy models' text tower in T5's place."""
+    CLIPTextModel for the toy models' text tower in T5's place. `default` (T5EncoderModel when
+    None) is the class for a config that names none."""
     config = AutoConfig.from_pretrained(
         source, subfolder=kwargs.get("subfolder", ""), revision=kwargs.get("revision")
     )
-    name = (getattr(config, "architectures", None) or ["T5EncoderModel"])[0]
-    return getattr(transformers, name).from_pretrained(source, **kwargs)
+    names = getattr(config, "architectures", None)
+    cls = getattr(transformers, names[0]) if names else (default or transformers.T5EncoderModel)
+    return cls.from_pretrained(source, **kwargs)
 
 
 def load_component(model_cfg: dict[str, Any], name: str):
