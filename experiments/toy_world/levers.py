@@ -42,6 +42,8 @@ ARMS: dict[str, list[str]] = {
     # curriculum never reaches its end), scored on the raw weights.
     "large_centred_no_ema": ["ema.enabled=false", "data.curriculum_steps=1000000"],
     "batch64_lr7e-4": ["data.batch_size=64", "method.lr=7.0e-4"],  # sqrt-scaled lr
+    # Is the shape limit the UNet's reach? The same, with a third level and attention at 8x8 / 4x4.
+    "deeper_large_centred_no_ema": [*DEEPER, "ema.enabled=false", "data.curriculum_steps=1000000"],
 }
 
 
