@@ -34,22 +34,26 @@ def _metrics(run_dir) -> dict[str, float]:
     return json.loads((run_dir / "results.json").read_text())["metrics"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The base model (evaluate.py), and DreamBooth with and without prior preservation."""
-    root = tmp_path_factory.mktemp("toy_learning")
-    eval_args = [a for a in SHORT if a.startswith("eval.")] + ["logger=csv"]
+def _base_and_dreambooth(root, args: list[str], base_keys: tuple[str, ...]) -> dict:
+    """The base model's metrics (evaluate.py with the `base_keys` overrides of `args`), and
+    DreamBooth's with and without prior preservation (train.py with `args`)."""
+    eval_args = [a for a in args if a.startswith(base_keys)] + ["logger=csv"]
     jobs = {
         "base": (eval_args, "evaluate.py"),
-        "prior": ([*SHORT, "method.prior_preservation=true"], "train.py"),
-        "no_prior": ([*SHORT, "method.prior_preservation=false"], "train.py"),
+        "prior": ([*args, "method.prior_preservation=true"], "train.py"),
+        "no_prior": ([*args, "method.prior_preservation=false"], "train.py"),
     }
     out = {}
-    for name, (args, script) in jobs.items():
-        proc = run_train(args, root / name, timeout=600, script=script)
+    for name, (job_args, script) in jobs.items():
+        proc = run_train(job_args, root / name, timeout=600, script=script)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         out[name] = _metrics(root / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _base_and_dreambooth(tmp_path_factory.mktemp("toy_learning"), SHORT, ("eval.",))
 
 
 def test_dreambooth_moves_generations_toward_the_subject(runs):
@@ -83,18 +87,7 @@ FLOW = [*SHORT[:2], "model=toy_flux", "seed=1", "trainer.cpu_threads=1", *SHORT[
 @pytest.fixture(scope="module")
 def flow_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_flow_learning")
-    eval_args = [a for a in FLOW if a.startswith(("eval.", "model=", "seed="))] + ["logger=csv"]
-    jobs = {
-        "base": (eval_args, "evaluate.py"),
-        "prior": ([*FLOW, "method.prior_preservation=true"], "train.py"),
-        "no_prior": ([*FLOW, "method.prior_preservation=false"], "train.py"),
-    }
-    out = {}
-    for name, (args, script) in jobs.items():
-        proc = run_train(args, root / name, timeout=600, script=script)
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
-        out[name] = _metrics(root / name)
-    return out
+    return _base_and_dreambooth(root, FLOW, ("eval.", "model=", "seed="))
 
 
 def test_flow_dreambooth_learns_the_subject_and_the_prior_loss_holds_the_class(flow_runs):
