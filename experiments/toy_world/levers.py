@@ -49,6 +49,7 @@ ARMS: dict[str, list[str]] = {
     # the mean of 16x16 noise has std 1/16. Offset noise (Guttenberg 2023; the SD schedule and
     # epsilon prediction kept) makes that mean uninformative, so the text has to say it.
     "offset_noise0.1": ["noise.offset_noise=0.1", "ema.enabled=false"],
+    "offset_noise0.3": ["noise.offset_noise=0.3", "ema.enabled=false"],
 }
 
 
