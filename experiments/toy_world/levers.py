@@ -50,6 +50,21 @@ ARMS: dict[str, list[str]] = {
     # epsilon prediction kept) makes that mean uninformative, so the text has to say it.
     "offset_noise0.1": ["noise.offset_noise=0.1", "ema.enabled=false"],
     "offset_noise0.3": ["noise.offset_noise=0.3", "ema.enabled=false"],
+    # Shape on top of offset noise, on the test's own distribution: the reference, and every
+    # capacity/speed lever at once (the third level with attention at 8x8 and 4x4, twice the lr),
+    # to decide the long run's recipe before it starts.
+    "offset0.3_large_centred": [
+        "noise.offset_noise=0.3",
+        "ema.enabled=false",
+        "data.curriculum_steps=1000000",
+    ],
+    "offset0.3_large_centred_deeper_lr1e-3": [
+        *DEEPER,
+        "method.lr=1.0e-3",
+        "noise.offset_noise=0.3",
+        "ema.enabled=false",
+        "data.curriculum_steps=1000000",
+    ],
 }
 
 
