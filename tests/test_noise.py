@@ -15,6 +15,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
+from t2ilab.errors import UserError
 from t2ilab.noise import (
     TERMINAL_ALPHA_CUMPROD_CLAMP,
     NoiseConfig,
@@ -249,3 +250,58 @@ def test_the_resolved_schedule_names_what_stored_betas_are():
     odd = config("linear", "linear")
     odd["trained_betas"] = [b * 1.5 for b in odd["trained_betas"]]
     assert resolved_beta_schedule(odd) == "trained_betas"
+
+
+class _Draws:
+    """One seeded generator behind the step's keyed draws (the keys do not matter here)."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def randn(self, stream, shape):
+        return torch.randn(shape, generator=self.gen)
+
+    def rand(self, stream, shape):
+        return torch.rand(shape, generator=self.gen)
+
+    def randint(self, stream, shape, high):
+        return torch.randint(high, shape, generator=self.gen)
+
+
+def _ddpm(**keys):
+    from t2ilab.objectives import DDPMObjective
+
+    return DDPMObjective(SD_SCHEDULER, NoiseConfig.from_dict(keys).for_objective("ddpm", "toy_sd"))
+
+
+def test_ddpm_timesteps_stay_sds_uniform_draws_by_default():
+    latents = torch.zeros(64, 4, 2, 2)
+    drawn = _ddpm().timesteps(_Draws(3), latents)
+    assert torch.equal(
+        drawn, torch.randint(1000, (64,), generator=torch.Generator().manual_seed(3))
+    )
+    assert "noise.timestep_density" not in _ddpm().factors()
+
+
+def test_a_logit_normal_density_moves_ddpm_training_towards_high_noise():
+    from scipy import stats
+
+    n = 40_000
+    objective = _ddpm(timestep_density="logit_normal", logit_mean=1.0, logit_std=1.0)
+    t = objective.timesteps(_Draws(), torch.zeros(n, 1, 2, 2))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    # P(t >= 800) = P(sigmoid(1 + n) >= 0.8) = 1 - Phi(logit(0.8) - 1), against 0.2 uniform.
+    expected = 1 - stats.norm.cdf(math.log(0.8 / 0.2) - 1.0)
+    share = float((t >= 800).double().mean())
+    assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert share > 0.3
+    assert objective.factors()["noise.timestep_density"] == "logit_normal"
+    assert objective.factors()["noise.logit_mean"] == 1.0
+
+
+def test_only_the_flow_shift_keys_are_refused_on_a_ddpm_model():
+    _ddpm(timestep_density="mode", mode_scale=1.29)  # accepted: the density is shared
+    for keys in ({"shift": 3.0}, {"dynamic_shift": True}, {"loss_weighting": "cosmap"}):
+        with pytest.raises(UserError, match="applies to flow matching") as err:
+            _ddpm(**keys)
+        assert "\n" not in str(err.value)

@@ -44,6 +44,21 @@ def t_from_normal(n: torch.Tensor, logit_mean: float = 0.0, logit_std: float = 1
     return torch.sigmoid(logit_mean + logit_std * n)
 
 
+def draw_t(
+    draws,
+    shape: tuple[int, ...],
+    density: str,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Noise levels in (0, 1) from `density`, drawn under the step's "timesteps" key. DDPM
+    training draws from the same densities when asked (t2ilab.objectives.DDPMObjective)."""
+    if density == "logit_normal":
+        return t_from_normal(draws.randn("timesteps", shape), logit_mean, logit_std)
+    return t_from_uniform(draws.rand("timesteps", shape), density, mode_scale)
+
+
 def static_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift: the noise level at which an image of `shift`^2 times the pixels keeps the
     same signal (shift 1 is no change)."""

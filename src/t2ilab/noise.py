@@ -51,10 +51,6 @@ _DDPM_ONLY = (
     "snr_gamma",
 )
 _FLOW_ONLY = (
-    "timestep_density",
-    "logit_mean",
-    "logit_std",
-    "mode_scale",
     "shift",
     "dynamic_shift",
     "loss_weighting",
@@ -80,11 +76,12 @@ class NoiseConfig:
     snr_gamma: float | None = None
     # ddpm | flow; None: what the model's pipeline samples (its family's objective)
     objective: str | None = None
-    # Flow matching only (t2ilab.flow); None: the model's own value or the recipe's default.
+    # Both objectives: the density of t/T (None: uniform under DDPM, logit-normal under flow).
     timestep_density: str | None = None
     logit_mean: float | None = None
     logit_std: float | None = None
     mode_scale: float | None = None
+    # Flow matching only (t2ilab.flow); None: the model's own value or the recipe's default.
     shift: float | None = None
     dynamic_shift: bool | None = None
     loss_weighting: str | None = None
@@ -132,8 +129,8 @@ class NoiseConfig:
                     raise UserError(
                         f"noise.{key}={value} makes no sense under flow matching: rectified flow "
                         "already reaches pure noise at t = 1 and has no betas; drop it (the flow "
-                        "keys are timestep_density, logit_mean/std, mode_scale, shift, "
-                        "dynamic_shift, loss_weighting)"
+                        "keys are shift, dynamic_shift, loss_weighting; the timestep density is "
+                        "shared)"
                     )
         else:
             for key in _FLOW_ONLY:

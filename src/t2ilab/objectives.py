@@ -23,14 +23,18 @@ from t2ilab.noise import (
 
 
 class DDPMObjective:
-    """Integer timesteps, the scheduler's add_noise, an epsilon / v / sample target and
-    Min-SNR-gamma weights."""
+    """Integer timesteps (uniform, as SD trains, or from one of flow matching's densities), the
+    scheduler's add_noise, an epsilon / v / sample target and Min-SNR-gamma weights."""
 
     name = "ddpm"
 
     def __init__(self, scheduler_config: dict[str, Any], noise: NoiseConfig):
         self.noise = noise
         self.scheduler = build_noise_scheduler(scheduler_config, noise)
+        self.density = noise.timestep_density or "uniform"
+        self.logit_mean = 0.0 if noise.logit_mean is None else float(noise.logit_mean)
+        self.logit_std = 1.0 if noise.logit_std is None else float(noise.logit_std)
+        self.mode_scale = 1.29 if noise.mode_scale is None else float(noise.mode_scale)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -38,7 +42,15 @@ class DDPMObjective:
 
     def timesteps(self, draws, latents: torch.Tensor) -> torch.Tensor:
         shape = tuple(latents.shape[:1])
-        return draws.randint("timesteps", shape, high=self.num_train_timesteps).long()
+        steps = self.num_train_timesteps
+        if self.density == "uniform":  # SD's recipe
+            return draws.randint("timesteps", shape, high=steps).long()
+        # Another density (as flow matching draws t) moves the training towards a band of
+        # noise levels, e.g. the high ones where a small model decides an object's outline.
+        t = flow.draw_t(
+            draws, shape, self.density, self.logit_mean, self.logit_std, self.mode_scale
+        )
+        return (t * steps).long().clamp(0, steps - 1)
 
     def noised(self, latents, noise, timesteps) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
@@ -62,7 +74,20 @@ class DDPMObjective:
             "noise.prediction_type": config.prediction_type,
             "noise.num_train_timesteps": config.num_train_timesteps,
             "noise.zero_terminal_snr": bool(config.rescale_betas_zero_snr),
+            **self._density_factors(),
         }
+
+    def _density_factors(self) -> dict[str, Any]:
+        """The timestep density, named only when it is not SD's uniform one (so the factor
+        tables of uniform runs stay as they were)."""
+        if self.density == "uniform":
+            return {}
+        factors = {"noise.timestep_density": self.density}
+        if self.density == "logit_normal":
+            factors.update({"noise.logit_mean": self.logit_mean, "noise.logit_std": self.logit_std})
+        if self.density == "mode":
+            factors["noise.mode_scale"] = self.mode_scale
+        return factors
 
 
 class FlowObjective:
@@ -103,12 +128,9 @@ class FlowObjective:
     def t(self, draws, latents: torch.Tensor) -> torch.Tensor:
         """The noise level of each row, in (0, 1]."""
         shape = tuple(latents.shape[:1])
-        if self.density == "logit_normal":
-            n = draws.randn("timesteps", shape)
-            t = flow.t_from_normal(n, self.logit_mean, self.logit_std)
-        else:
-            u = draws.rand("timesteps", shape)
-            t = flow.t_from_uniform(u, self.density, self.mode_scale)
+        t = flow.draw_t(
+            draws, shape, self.density, self.logit_mean, self.logit_std, self.mode_scale
+        )
         if self.config["use_dynamic_shifting"]:
             t = flow.dynamic_shift(t, flow.dynamic_mu(self.image_seq_len(latents), self.config))
         else:
