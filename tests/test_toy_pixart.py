@@ -25,7 +25,7 @@ from t2ilab.errors import UserError
 from t2ilab.models.pipelines import pipeline_call_kwargs
 from t2ilab.models.pixart_dit import tokenizer_attention_mask
 from t2ilab.models.stages import resolution_change
-from t2ilab.toy import quality
+from t2ilab.toy import quality, world
 from t2ilab.toy.datamodules import ToyWorldClassDataModule
 from t2ilab.toy.world import COLORS, SHAPES, Scene, render, scene_at
 
@@ -265,6 +265,19 @@ def test_shape_reader_is_exact_on_turned_moved_and_resized_renders(shape):
     empty = Image.new("RGB", (64, 64), COLORS["blue"])
     assert quality.read_shape(empty, "blue", "red") is None
     assert quality.read_shape_unnamed(empty) is None
+
+
+def test_the_unnamed_reader_sees_shapes_on_every_kind_of_world_render():
+    """A class-conditional DiT draws the whole world (patterns, checkered and gradient
+    backgrounds, any size and place), so the reader that scores it must read all of it."""
+    scenes = [scene_at(2024, i) for i in range(300)]
+    textured = [s for s in scenes if s.background in ("checkered", "gradient")]
+    assert len(textured) > 30  # the hard cases are in the sample
+    for scene in scenes:
+        assert quality.read_shape_unnamed(render(scene)) == scene.shape, scene
+    # Only a texture: no shape.
+    for background in ("checkered", "gradient"):
+        assert quality.read_shape_unnamed(world._background(background, 64).copy()) is None
 
 
 def test_prompt_following_scores_wrong_images_low():

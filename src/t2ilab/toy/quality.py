@@ -20,6 +20,7 @@ from t2ilab.toy.world import (
     COLORS,
     SHAPES,
     SUBJECTS,
+    TEXTURES,
     Scene,
     _article,
     dense_caption,
@@ -359,13 +360,37 @@ def read_shape(image: Image.Image, background: str, color: str) -> str | None:
 OBJECT_DISTANCE = 60.0
 
 
+def _distance_to_segment(array: np.ndarray, first, second) -> np.ndarray:
+    """Per-pixel RGB distance to the nearest blend of two colours (a texture's two colours and
+    every mix of them: a gradient's rows, the antialiased edges of checks)."""
+    a, b = np.asarray(first, np.float32), np.asarray(second, np.float32)
+    along = np.clip(((array - a) @ (b - a)) / float((b - a) @ (b - a)), 0.0, 1.0)
+    return np.sqrt(((array - (a + along[..., None] * (b - a))) ** 2).sum(-1))
+
+
+# The four 6x6 corners of a 64 px image, where the readers look for the background.
+_CORNER_MASK = np.zeros((64, 64), bool)
+for _rows in (slice(0, 6), slice(-6, None)):
+    for _cols in (slice(0, 6), slice(-6, None)):
+        _CORNER_MASK[_rows, _cols] = True
+
+
+def background_distance(array: np.ndarray) -> np.ndarray:
+    """Each pixel's RGB distance to the background, whichever kind the corners show: one colour
+    (their median) or one of the world's two-colour textures (checkered, gradient), the one
+    whose colours the corners lie nearest."""
+    plain = np.sqrt(((array - _corner_colour(array)) ** 2).sum(-1))
+    candidates = [plain] + [_distance_to_segment(array, *colors) for colors in TEXTURES.values()]
+    fit = [float(np.median(d[_CORNER_MASK])) for d in candidates]
+    return candidates[int(np.argmin(fit))]
+
+
 def read_shape_unnamed(image: Image.Image) -> str | None:
     """The object's shape when no prompt names its colours (class-conditional models): the
-    background is the median of the four corners, the object every pixel far from it. Exact on
-    renders of plain shapes on plain backgrounds."""
-    array = _pixels(image)
-    distance = np.sqrt(((array - _corner_colour(array)) ** 2).sum(-1))
-    return shape_of_mask(distance > OBJECT_DISTANCE)
+    background is read from the four corners (a plain colour or a texture), the object is every
+    pixel far from it. Exact on renders of plain shapes on plain backgrounds, and on nearly
+    all of the world's other renders (`tests/test_toy_pixart.py` has the share)."""
+    return shape_of_mask(background_distance(_pixels(image)) > OBJECT_DISTANCE)
 
 
 def batched_images(call, items: list, batch_size: int = 32) -> list[Image.Image]:
