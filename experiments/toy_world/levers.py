@@ -7,7 +7,10 @@ Each arm is `python train.py experiment=toy_pretrain_sd` with the arm's override
 steps, seed and data, in OUT/<arm>/ (a stopped trial continues from its last checkpoint when
 the command is run again; a finished one is not run twice). Its export is then measured with
 `t2ilab.toy.quality.sd_quality` on 64 fresh prompts (object colour, background, shape, read
-from the pixels), and OUT/levers.json and OUT/levers.md collect every arm's figures.
+from the pixels), and OUT/levers.json and OUT/levers.md collect every arm's figures. A
+checkpoint on the way (raw weights) is scored the same way, into OUT/checkpoints.json:
+
+    python experiments/toy_world/levers.py OUT --arms ARM --checkpoint CKPT
 """
 
 from __future__ import annotations
@@ -113,6 +116,39 @@ def measure(run: Path, n: int) -> dict:
     return quality.sd_quality(pipe, n=n)
 
 
+def unet_config(arm: str) -> dict:
+    """The arm's UNet config: toy_sd_init's with the arm's `model.tiny.unet.*` overrides."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/toy_sd_init.yaml"))
+    unet = config["tiny"]["unet"]
+    prefix = "model.tiny.unet."
+    for override in ARMS[arm]:
+        if override.startswith(prefix):
+            key, value = override[len(prefix) :].split("=", 1)
+            unet[key] = yaml.safe_load(value)
+    return unet
+
+
+def measure_checkpoint(checkpoint: Path, arm: str, n: int) -> dict:
+    """A trial's checkpoint on the way (its raw weights; the arms export no EMA), scored as
+    `measure` scores an export: its UNet in the shipped toy_sd pipeline."""
+    import torch
+    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    from t2ilab.toy import quality
+
+    pipe = DiffusionPipeline.from_pretrained(ROOT / "models/toy/toy_sd", safety_checker=None)
+    unet = UNet2DConditionModel(**unet_config(arm))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    unet.load_state_dict({k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")})
+    pipe.unet = unet.eval()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return quality.sd_quality(pipe, n=n)
+
+
 def table(rows: list[dict]) -> str:
     head = "| arm | overrides | steps | train min | object colour | background | shape |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -133,11 +169,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=["baseline", "min_snr5", "deeper"])
     parser.add_argument("--n", type=int, default=64, help="prompts measured per arm")
     parser.add_argument("--threads", default="auto", help="trainer.cpu_threads")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="score this checkpoint of the (one) arm instead of training; the figures are "
+        "added to OUT/checkpoints.json",
+    )
     args = parser.parse_args(argv)
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arm(s) {unknown}: choose from {sorted(ARMS)}")
     args.out = args.out.resolve()
+    if args.checkpoint is not None:
+        if len(args.arms) != 1 or not args.checkpoint.is_file():
+            parser.error("--checkpoint takes one --arms ARM and an existing checkpoint file")
+        import torch
+
+        step = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["global_step"]
+        metrics = measure_checkpoint(args.checkpoint, args.arms[0], args.n)
+        path = args.out / "checkpoints.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        rows.append(
+            {
+                "arm": args.arms[0],
+                "step": step,
+                "checkpoint": str(args.checkpoint),
+                "metrics": metrics,
+            }
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(rows[-1], indent=2))
+        return
     rows = []
     for arm in args.arms:
         start = time.time()
