@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -129,3 +130,20 @@ def assert_only_transformer_trained(export, base, frozen: tuple[str, ...]) -> No
     assert max((a - b).abs().max().item() for a, b in pairs("transformer")) > 0
     for name in frozen:
         assert all(torch.equal(a, b) for a, b in pairs(name)), name
+
+
+class SeededDraws:
+    """The shared step's keyed draws (`GroupedDraws`) from one seeded generator: many rows
+    fast, for checking the densities of timestep draws (the keys do not matter here)."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def randn(self, stream, shape):
+        return torch.randn(shape, generator=self.gen)
+
+    def rand(self, stream, shape):
+        return torch.rand(shape, generator=self.gen)
+
+    def randint(self, stream, shape, high):
+        return torch.randint(high, shape, generator=self.gen)

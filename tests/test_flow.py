@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _support import SeededDraws
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from scipy import integrate, stats
 
@@ -36,19 +37,6 @@ def flow_noise(**keys) -> NoiseConfig:
     return NoiseConfig.from_dict(keys).for_objective("flow", "tiny_sd3")
 
 
-class TorchDraws:
-    """Draws from one seeded generator: many rows fast, for the moments."""
-
-    def __init__(self, seed: int = 0):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def randn(self, stream, shape):
-        return torch.randn(shape, generator=self.gen)
-
-    def rand(self, stream, shape):
-        return torch.rand(shape, generator=self.gen)
-
-
 def test_noising_is_the_straight_line_and_the_target_its_velocity():
     gen = torch.Generator().manual_seed(0)
     x0, e = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
@@ -67,7 +55,7 @@ def test_the_objective_feeds_the_denoiser_t_times_1000_and_noises_at_t():
     objective = FlowObjective(SD3_SCHEDULER, flow_noise(timestep_density="uniform", shift=1.0))
     latents = torch.randn(4, 4, 8, 8)
     noise = torch.randn_like(latents)
-    timesteps = objective.timesteps(TorchDraws(), latents)
+    timesteps = objective.timesteps(SeededDraws(), latents)
     t = timesteps / 1000
     assert ((t > 0) & (t <= 1)).all()
     expected = (1 - t.view(-1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1) * noise
@@ -79,7 +67,7 @@ def _moments(density: str, **keys) -> tuple[float, float]:
     objective = FlowObjective(
         SD3_SCHEDULER, flow_noise(timestep_density=density, shift=1.0, **keys)
     )
-    t = objective.t(TorchDraws(), torch.zeros(40_000, 1, 2, 2)).double()
+    t = objective.t(SeededDraws(), torch.zeros(40_000, 1, 2, 2)).double()
     return float(t.mean()), float(t.var())
 
 
@@ -144,8 +132,8 @@ def test_the_dynamic_shift_follows_the_image_size_as_flux_samples_it():
     small = torch.zeros(1, 16, 32, 32).expand(20_000, -1, -1, -1)
     large = torch.zeros(1, 16, 128, 128).expand(20_000, -1, -1, -1)
     assert objective.image_seq_len(large) == 4096
-    t_small = objective.t(TorchDraws(1), small)
-    t_large = objective.t(TorchDraws(1), large)
+    t_small = objective.t(SeededDraws(1), small)
+    t_large = objective.t(SeededDraws(1), large)
     assert (t_large >= t_small).all() and t_large.mean() > t_small.mean() + 0.05
 
 

@@ -8,6 +8,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from _support import SeededDraws
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -252,22 +253,6 @@ def test_the_resolved_schedule_names_what_stored_betas_are():
     assert resolved_beta_schedule(odd) == "trained_betas"
 
 
-class _Draws:
-    """One seeded generator behind the step's keyed draws (the keys do not matter here)."""
-
-    def __init__(self, seed: int = 0):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def randn(self, stream, shape):
-        return torch.randn(shape, generator=self.gen)
-
-    def rand(self, stream, shape):
-        return torch.rand(shape, generator=self.gen)
-
-    def randint(self, stream, shape, high):
-        return torch.randint(high, shape, generator=self.gen)
-
-
 def _ddpm(**keys):
     from t2ilab.objectives import DDPMObjective
 
@@ -276,7 +261,7 @@ def _ddpm(**keys):
 
 def test_ddpm_timesteps_stay_sds_uniform_draws_by_default():
     latents = torch.zeros(64, 4, 2, 2)
-    drawn = _ddpm().timesteps(_Draws(3), latents)
+    drawn = _ddpm().timesteps(SeededDraws(3), latents)
     assert torch.equal(
         drawn, torch.randint(1000, (64,), generator=torch.Generator().manual_seed(3))
     )
@@ -288,7 +273,7 @@ def test_a_logit_normal_density_moves_ddpm_training_towards_high_noise():
 
     n = 40_000
     objective = _ddpm(timestep_density="logit_normal", logit_mean=1.0, logit_std=1.0)
-    t = objective.timesteps(_Draws(), torch.zeros(n, 1, 2, 2))
+    t = objective.timesteps(SeededDraws(), torch.zeros(n, 1, 2, 2))
     assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
     # P(t >= 800) = P(sigmoid(1 + n) >= 0.8) = 1 - Phi(logit(0.8) - 1), against 0.2 uniform.
     expected = 1 - stats.norm.cdf(math.log(0.8 / 0.2) - 1.0)
