@@ -62,14 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args(argv)
 
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     from t2ilab.toy import quality
     from t2ilab.toy.world import dense_caption
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quality.load_scoring_pipeline(args.model)
     scenes = quality.sd_color_scenes(quality.EVAL_SEED, args.n)
     rows = {}
     for name, noise in initial_noises(pipe, scenes, quality.EVAL_SEED, args.steps).items():

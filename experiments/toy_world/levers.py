@@ -106,14 +106,9 @@ def train_arm(out: Path, arm: str, steps: int, threads: str) -> None:
 
 
 def measure(run: Path, n: int) -> dict:
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     from t2ilab.toy import quality
 
-    pipe = DiffusionPipeline.from_pretrained(run / "export", safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return quality.sd_quality(pipe, n=n)
+    return quality.sd_quality(quality.load_scoring_pipeline(run / "export"), n=n)
 
 
 def unet_config(arm: str) -> dict:
@@ -135,17 +130,15 @@ def measure_checkpoint(checkpoint: Path, arm: str, n: int) -> dict:
     """A trial's checkpoint on the way (its raw weights; the arms export no EMA), scored as
     `measure` scores an export: its UNet in the shipped toy_sd pipeline."""
     import torch
-    from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from t2ilab.toy import quality
 
-    pipe = DiffusionPipeline.from_pretrained(ROOT / "models/toy/toy_sd", safety_checker=None)
+    pipe = quality.load_scoring_pipeline(ROOT / "models/toy/toy_sd")
     unet = UNet2DConditionModel(**unet_config(arm))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     unet.load_state_dict({k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")})
     pipe.unet = unet.eval()
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     return quality.sd_quality(pipe, n=n)
 
 

@@ -393,6 +393,20 @@ def read_shape_unnamed(image: Image.Image) -> str | None:
     return shape_of_mask(background_distance(_pixels(image)) > OBJECT_DISTANCE)
 
 
+def load_scoring_pipeline(folder):
+    """A toy pipeline folder as the documented figures sample it: DDIM for DDPM models (a flow
+    model keeps its own sampler), no progress bars."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from t2ilab.flow import is_flow_config
+
+    pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    if not is_flow_config(pipe.scheduler.config):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def batched_images(call, items: list, batch_size: int = 32) -> list[Image.Image]:
     """`call(batch)` (a pipeline call over a slice of `items`) for every slice, concatenated:
     one generator passed to each call keeps the images the same for any batch size <= n."""

@@ -135,9 +135,6 @@ def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
     """training.json + samples.png in `export`, from the run folder that trained it (and, for
     a staged model, the runs before it). `quality_kwargs` go to `quality.sd_quality` (n,
     steps: the defaults are what the shipped records hold)."""
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    from t2ilab.flow import is_flow_config
     from t2ilab.toy import quality
     from t2ilab.toy.pretrain import GRID_NAME, versions
     from t2ilab.utils.atomic import write_json_atomic
@@ -146,10 +143,7 @@ def record_run(export: Path, run: Path, **quality_kwargs) -> dict:
     grids = sorted((run / "samples").glob("step_*.png"))
     if grids:
         shutil.copyfile(grids[-1], export / GRID_NAME)
-    pipe = DiffusionPipeline.from_pretrained(export, safety_checker=None)
-    if not is_flow_config(pipe.scheduler.config):  # a flow model keeps its own sampler
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quality.load_scoring_pipeline(export)
     if "size" not in quality_kwargs:  # the training resolution (FluxPipeline's default is 1024)
         quality_kwargs["size"] = _resolution(run)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
