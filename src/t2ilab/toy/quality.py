@@ -279,10 +279,16 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
 
 
+# The four 6x6 corners of a 64 px image, where the readers look for the background.
+_CORNER_MASK = np.zeros((64, 64), bool)
+for _rows in (slice(0, 6), slice(-6, None)):
+    for _cols in (slice(0, 6), slice(-6, None)):
+        _CORNER_MASK[_rows, _cols] = True
+
+
 def _corner_colour(array: np.ndarray) -> np.ndarray:
     """The median RGB of the four 6x6 corners: the background, on toy renders."""
-    corners = np.concatenate([array[:6, :6], array[:6, -6:], array[-6:, :6], array[-6:, -6:]])
-    return np.median(corners.reshape(-1, 3), 0)
+    return np.median(array[_CORNER_MASK], 0)
 
 
 def sd_color_scenes(seed: int = EVAL_SEED, n: int = 32) -> list[Scene]:
@@ -368,13 +374,6 @@ def _distance_to_segment(array: np.ndarray, first, second) -> np.ndarray:
     return np.sqrt(((array - (a + along[..., None] * (b - a))) ** 2).sum(-1))
 
 
-# The four 6x6 corners of a 64 px image, where the readers look for the background.
-_CORNER_MASK = np.zeros((64, 64), bool)
-for _rows in (slice(0, 6), slice(-6, None)):
-    for _cols in (slice(0, 6), slice(-6, None)):
-        _CORNER_MASK[_rows, _cols] = True
-
-
 def background_distance(array: np.ndarray) -> np.ndarray:
     """Each pixel's RGB distance to the background, whichever kind the corners show: one colour
     (their median) or one of the world's two-colour textures (checkered, gradient), the one
@@ -388,8 +387,8 @@ def background_distance(array: np.ndarray) -> np.ndarray:
 def read_shape_unnamed(image: Image.Image) -> str | None:
     """The object's shape when no prompt names its colours (class-conditional models): the
     background is read from the four corners (a plain colour or a texture), the object is every
-    pixel far from it. Exact on renders of plain shapes on plain backgrounds, and on nearly
-    all of the world's other renders (`tests/test_toy_pixart.py` has the share)."""
+    pixel far from it. Exact on world renders of every kind (patterns, textured backgrounds, any
+    size and place: `tests/test_toy_pixart.py` reads 300 of them)."""
     return shape_of_mask(background_distance(_pixels(image)) > OBJECT_DISTANCE)
 
 
