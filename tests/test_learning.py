@@ -1,5 +1,6 @@
 """The shared step learns: on a fixed batch the loss goes down; the four arms export the
-schedule they trained with; class images are generated reproducibly and resume."""
+schedule they trained with; class images are generated reproducibly, resume, and say which
+weights made them."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from test_noise import expected_betas
 
-from t2ilab.data.class_images import generate_class_images
+from t2ilab.data.class_images import SOURCE_FILE, generate_class_images
 from t2ilab.data.images import list_images
+from t2ilab.errors import UserError
 from t2ilab.models.export import export_pipeline
+from t2ilab.models.fingerprint import weights_fingerprint
 from t2ilab.models.loading import load_sd_components
 from t2ilab.models.pipelines import build_sd_pipeline, make_sampler
 from t2ilab.modules.dreambooth import DreamBoothModule
@@ -186,3 +189,41 @@ def test_class_images_are_reproducible_and_resume(components, tmp_path):
         assert diff.max() <= 2
     first, second = (np.asarray(Image.open(p), float) for p in a[:2])
     assert np.abs(first - second).mean() > 5  # different seeds: different images
+
+
+def test_weights_fingerprint_tells_weights_apart(components):
+    parts = components.modules()
+    same = weights_fingerprint(parts)
+    assert weights_fingerprint(copy.deepcopy(parts)) == same
+    # One fine-tuning step's worth of change in one weight of the UNet is a new model.
+    moved = copy.deepcopy(parts)
+    with torch.no_grad():
+        next(moved["unet"].parameters()).view(-1)[0] += 1e-2
+    assert weights_fingerprint(moved) != same
+
+
+def test_class_images_refuse_a_folder_other_weights_made(components, tmp_path):
+    pipe = build_sd_pipeline(
+        components.unet,
+        components.vae,
+        components.text_encoder,
+        components.tokenizer,
+        make_sampler("DDIMScheduler", components.scheduler_config),
+    )
+    kwargs = dict(num_inference_steps=1, batch_size=2, seed=5, resolution=64)
+    source = {"model": "tiny_sd", "pretrained": "None", "weights": "aaaaaaaaaaaa"}
+    generate_class_images(pipe, "a toy", tmp_path / "made", 2, source=source, **kwargs)
+    stamp = (tmp_path / "made" / SOURCE_FILE).read_text()
+    assert '"weights": "aaaaaaaaaaaa"' in stamp and '"prompt": "a toy"' in stamp
+    # The same weights top the folder up; other weights are refused before anything is made.
+    assert generate_class_images(pipe, "a toy", tmp_path / "made", 3, source=source, **kwargs) == 1
+    other = {**source, "weights": "bbbbbbbbbbbb"}
+    with pytest.raises(UserError, match="other weights.*aaaaaaaaaaaa.*data.class_dir"):
+        generate_class_images(pipe, "a toy", tmp_path / "made", 4, source=other, **kwargs)
+    assert len(list_images(tmp_path / "made")) == 3
+    # The user's own images carry no stamp: they count, and the stamp does not vouch for them.
+    own = tmp_path / "own"
+    own.mkdir()
+    Image.new("RGB", (64, 64), "red").save(own / "mine.png")
+    assert generate_class_images(pipe, "a toy", own, 2, source=other, **kwargs) == 1
+    assert not (own / SOURCE_FILE).exists()

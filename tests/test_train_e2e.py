@@ -10,6 +10,7 @@ import pytest
 import torch
 from _support import FAST, ROOT, run_train
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from omegaconf import OmegaConf
 from test_noise import expected_betas
 
 EXPERIMENT = "dreambooth_sigmoid_zsnr"  # the paper's best arm, and the one that risks NaNs
@@ -50,7 +51,14 @@ def test_run_directory_layout(run_dir):
         "prior.png",
         "prompts.csv",
     }
-    assert len(list((run_dir.parent / "class_images").rglob("class_*.png"))) == 2
+    # Class images go to <model>/<weights fingerprint>/<prompt>, stamped with their source.
+    (stamp,) = (run_dir.parent / "class_images").rglob("generated_by.json")
+    made_by = json.loads(stamp.read_text())
+    assert stamp.parent.parent.name == made_by["weights"]
+    model = OmegaConf.load(run_dir / ".hydra" / "config.yaml").model
+    assert stamp.parent.parent.parent.name == made_by["model"] == model.name
+    assert made_by["pretrained"] == str(model.pretrained)
+    assert len(list(stamp.parent.glob("class_*.png"))) == 2
 
 
 def test_results_json_contract(run_dir):

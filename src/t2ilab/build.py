@@ -27,6 +27,7 @@ from t2ilab.launch import external_rank, local_rank
 from t2ilab.loggers import instantiate_dict
 from t2ilab.metrics.protocol import DreamBoothProtocol
 from t2ilab.models.backbone import Backbone
+from t2ilab.models.fingerprint import weights_fingerprint
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.modules.base import DiffusionModule
 from t2ilab.resume import ApplyResumedSettings
@@ -43,9 +44,20 @@ def generation_device(cfg: DictConfig, index: int = 0) -> torch.device:
 
 
 def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_dir) -> Path:
-    """Fill the class folder with images from the frozen base model (its own schedule)."""
+    """Fill the class folder with images from the frozen base model (its own schedule). The
+    default folder is named by the model and its weights' fingerprint: new weights under the
+    same model name (a new shipped toy model) get their own class images."""
+    source = {
+        "model": cfg.model.name,
+        "pretrained": str(cfg.model.pretrained),
+        "weights": weights_fingerprint(components.modules()),
+    }
     class_dir = Path(
-        class_dir or Path(cfg.paths.class_images_dir) / cfg.model.name / prompt_slug(class_prompt)
+        class_dir
+        or Path(cfg.paths.class_images_dir)
+        / cfg.model.name
+        / source["weights"]
+        / prompt_slug(class_prompt)
     ).expanduser()
     pipe = components.pipeline(make_sampler(cfg.sampling.scheduler, components.scheduler_config))
     device = generation_device(cfg, local_rank())
@@ -64,6 +76,7 @@ def prepare_class_images(cfg: DictConfig, components, class_prompt: str, class_d
             resolution=int(cfg.data.resolution),
             rank=rank,
             world_size=world_size,
+            source=source,
         )
     pipe.to("cpu")
     return class_dir
