@@ -272,6 +272,40 @@ def test_recipe_smoke_and_no_overwrite(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_decoder_finetune_keeps_the_latent_space(tmp_path):
+    """toy_component=vae_decoder trains the decoder of an existing VAE and nothing else: the
+    encoder's weights and the scaling factor (the latent space the denoisers learnt) are
+    unchanged, the decoder moved, and the base's training.json comes along."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    done = _pretrain([*TINY_VAE, f"out_dir={base}"], tmp_path / "run_base")
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = tmp_path / "tuned"
+    finetune = [
+        "toy_component=vae_decoder",
+        "toy_component.steps=3",
+        "toy_component.batch_size=2",
+        "toy_component.num_workers=0",
+        f"toy_component.module.init_from={base}",
+        "toy_component.module.lr=1e-2",
+        f"out_dir={tuned}",
+    ]
+    done = _pretrain(finetune, tmp_path / "run_tuned")
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = load_file(base / "diffusion_pytorch_model.safetensors")
+    after = load_file(tuned / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    config = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    assert config(tuned)["scaling_factor"] == config(base)["scaling_factor"]
+    (base_summary,) = json.loads((tuned / "base_training.json").read_text())
+    assert base_summary == json.loads((base / "training.json").read_text())
+
+
 TINY_CLIP = [
     "toy_component=clip",
     "toy_component.steps=4",

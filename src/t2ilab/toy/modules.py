@@ -8,6 +8,7 @@ from the exported folder through the loaders users call).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -86,7 +87,10 @@ class ToyPretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.99)
+            [p for p in self.parameters() if p.requires_grad],
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=(0.9, 0.99),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
@@ -195,6 +199,46 @@ class VaePretrain(ToyPretrainModule):
 
         vae = AutoencoderKL.from_pretrained(folder)
         return quality.vae_quality(vae, seed), quality.vae_grid(vae, seed)
+
+
+class VaeDecoderFinetune(VaePretrain):
+    """More training for a shipped VAE's decoder alone (`init_from`). The encoder, and with it
+    the latent space every toy denoiser was trained in and the scaling factor, stay exactly as
+    they are: the denoisers draw sharper images without retraining. The base folder's
+    training.json travels along as base_training.json (what the weights started from)."""
+
+    def __init__(
+        self,
+        init_from: str,
+        l1_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        edge_weight: float = 0.5,
+        extras_prob: float = 0.5,
+        **optim,
+    ):
+        from diffusers import AutoencoderKL
+
+        ToyPretrainModule.__init__(self, **optim)
+        self.save_hyperparameters()
+        base = Path(init_from).expanduser()
+        self.vae = AutoencoderKL.from_pretrained(base).train()  # loaded in eval mode
+        self.vae.requires_grad_(False)
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+        self.kl_weight, self.l1_weight, self.mse_weight = 0.0, l1_weight, mse_weight
+        self.edge_weight, self.extras_prob, self.scale_images = edge_weight, extras_prob, 512
+        # Read now: the output folder may be the base folder, replaced at export.
+        self.base_training = [
+            json.loads((base / name).read_text())
+            for name in ("training.json", "base_training.json")
+            if (base / name).is_file()
+        ]
+
+    def export(self, folder: Path) -> None:
+        """The diffusers folder with the base's scaling factor (same encoder, same latents)."""
+        self.vae.eval().save_pretrained(folder, safe_serialization=True)
+        if self.base_training:
+            (folder / "base_training.json").write_text(json.dumps(self.base_training, indent=2))
 
 
 class ClipPretrain(ToyPretrainModule):
