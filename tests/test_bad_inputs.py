@@ -130,6 +130,11 @@ CASES = {
         r"cannot be filled \(KeyError: 'breed'\): it may use only \{identifier\}",
     ),
     "identifier with a space": (lambda t: ["data.identifier='my dog'"], "one non-empty word"),
+    "sample prompt with a variable the data lacks": (
+        lambda t: ["callbacks.samples.prompts=['a {identifier} {breed}']"],
+        r"'a \{identifier\} \{breed\}' uses \{breed\}, which this run's data does not define"
+        r" \(its variables: \{class_noun\}, \{identifier\}\).*callbacks.samples.prompts=null",
+    ),
     # Outputs among the user's own data.
     "class images into the subject folder": (
         lambda t: [f"data.instance_dir={_subject(t)}", f"data.class_dir={_subject(t)}"],

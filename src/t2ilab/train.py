@@ -51,6 +51,7 @@ from t2ilab.validation import (
     check_objective,
     check_prior_preservation,
     check_resolution,
+    check_sample_prompts,
     check_something_trains,
 )
 
@@ -168,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prompt_transform = module_class.prepare_tokenizer(tokenizer, cfg.method)
     prompt_vars = datamodule.bind(tokenizer, seed=int(cfg.seed), prompt_transform=prompt_transform)
     log.info("prompt variables: %s", prompt_vars)
+    check_sample_prompts(cfg, prompt_vars)
     protocol = build_protocol(cfg, datamodule)
 
     components = load_components(cfg.model, tokenizer)
