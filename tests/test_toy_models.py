@@ -17,7 +17,14 @@ from safetensors import safe_open
 
 from t2ilab.toy import quality
 from t2ilab.toy.tokenizer import RARE_IDENTIFIERS, WORLD_WORDS
-from t2ilab.toy.world import SUBJECTS, class_caption, dense_caption, sample_scene, scene_at
+from t2ilab.toy.world import (
+    SUBJECTS,
+    class_caption,
+    dense_caption,
+    sample_scene,
+    scene_at,
+    subject_scenes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "models" / "toy"
@@ -26,6 +33,9 @@ VAE_DIR, CLIP_DIR, DINO_DIR, SD_DIR, PIXART_DIR, FLUX_DIR = (
 )
 # Fresh renders: the recipes train on seeds 0-2 and report on 1000.
 SEED = 4242
+# Subject round trips through toy_vae, scored by toy_dino against the instance images: 0.77-0.83
+# measured on this seed (0.52 for the striped star with the first toy_vae and toy_dino).
+ROUND_TRIP_FLOOR = 0.7
 # The ids the shipped tokenizer gives the DreamBooth identifiers (the last before the specials).
 RARE_IDS = {"sks": 957, "zwx": 958, "qpv": 959, "vkb": 960}
 
@@ -92,8 +102,10 @@ def test_vae_reconstructs_fresh_renders(vae):
     assert len(vae.config.block_out_channels) == 3  # 64x64 -> 16x16
     metrics = quality.vae_quality(vae, SEED, n=64)
     # measured on the shipped VAE: see experiments/toy_world/README.md
-    assert metrics["psnr"] >= 27.0, metrics
-    assert metrics["subject_psnr"] >= 22.0, metrics  # fine stripes: 23.5 dB measured
+    # on this seed: 30.4 and 24.9 dB (the first toy_vae, before its decoder's second recipe:
+    # 28.5 and 23.5 on seed 1000)
+    assert metrics["psnr"] >= 29.5, metrics
+    assert metrics["subject_psnr"] >= 24.3, metrics  # fine two-colour stripes are the hardest
     # scaling_factor makes the latents unit-variance, as SD's 0.18215 does
     assert abs(metrics["latent_std"] - 1.0) < 0.1, metrics
     assert abs(metrics["latent_mean"]) < 0.5, metrics
@@ -204,11 +216,26 @@ def test_dino_is_sensitive_to_the_object_not_its_placement(dino):
     metrics = quality.dino_quality(dino, SEED, n=128)
     # two views of one object vs two different objects (cosine of CLS tokens)
     assert metrics["same_object_cos"] > metrics["different_object_cos"] + 0.3, metrics
-    assert metrics["object_top1"] >= 0.5, metrics  # chance 1/128; 0.70 measured
+    assert metrics["object_top1"] >= 0.5, metrics  # chance 1/128; 0.75 measured on this seed
     # a subject's instance images resemble each other more than the subject without its
     # unique feature, and much more than other objects
     assert metrics["subject_same_cos"] > metrics["subject_lookalike_cos"], metrics
     assert metrics["subject_lookalike_cos"] > metrics["subject_other_cos"], metrics
+    # blur and lower resolution (a decoder's softness) move it less than a missing detail does
+    assert metrics["subject_softened_cos"] > metrics["subject_lookalike_cos"] + 0.2, metrics
+
+
+def test_the_subject_through_the_vae_is_still_the_subject(vae, dino):
+    """DreamBooth's DINO can only be as high as the subject survives the VAE: new poses of each
+    subject, encoded and decoded by the shipped toy_vae, against its instance images. With the
+    first toy_vae and toy_dino the striped star's round trips scored 0.52 (issue 16)."""
+    for subject in SUBJECTS.values():
+        instances = quality._embed(dino, subject_scenes(subject, 6))
+        poses = quality.render_batch(subject_scenes(subject, 16, seed=SEED))
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(poses).latent_dist.mode()).sample.clamp(-1, 1)
+        round_trips = quality._unit(dino.embed_images(quality.to_unit(decoded)))
+        assert float((round_trips @ instances.T).mean()) >= ROUND_TRIP_FLOOR, subject.name
 
 
 # --- the recipe entry point ------------------------------------------------------------------
@@ -302,6 +329,7 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     config = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
     assert config(tuned)["scaling_factor"] == config(base)["scaling_factor"]
+    assert "_name_or_path" not in config(tuned)  # no path of this machine in a shipped folder
     (base_summary,) = json.loads((tuned / "base_training.json").read_text())
     assert base_summary == json.loads((base / "training.json").read_text())
 

@@ -237,6 +237,9 @@ class VaeDecoderFinetune(VaePretrain):
     def export(self, folder: Path) -> None:
         """The diffusers folder with the base's scaling factor (same encoder, same latents)."""
         self.vae.eval().save_pretrained(folder, safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where the base was loaded from, on this machine
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.base_training:
             (folder / "base_training.json").write_text(json.dumps(self.base_training, indent=2))
 
@@ -332,12 +335,14 @@ class DinoPretrain(ToyPretrainModule):
         backbone: dict,
         temperature: float = 0.1,
         extras_prob: float = 0.25,
+        degrade_prob: float = 0.0,
         **optim,
     ):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.net = build_dino(**backbone)
         self.temperature, self.extras_prob = temperature, extras_prob
+        self.degrade_prob = degrade_prob
 
     collate = staticmethod(collate_views)
 
@@ -346,7 +351,7 @@ class DinoPretrain(ToyPretrainModule):
         return self.net
 
     def train_dataset(self, size: int, seed: int) -> Dataset:
-        return ObjectViews(size, seed, self.resolution, self.extras_prob)
+        return ObjectViews(size, seed, self.resolution, self.extras_prob, self.degrade_prob)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         pixels = normalise(images, IMAGENET_MEAN, IMAGENET_STD)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from t2ilab.toy.streams import appearance, object_at, random_view
+from t2ilab.toy.streams import appearance, degrade, object_at, random_view
 from t2ilab.toy.world import (
     COLORS,
     SHAPES,
@@ -203,6 +203,7 @@ def dino_quality(embedder, seed: int = EVAL_SEED, n: int = 128) -> dict[str, flo
     position, pose) vs. different objects; object retrieval top-1 (a view finds its object's
     other view among `n`); 1-NN shape accuracy among *other* objects (chance ~1/8). For the
     DreamBooth subjects: mean cosine between a subject's instance images, between them and
+    softened renders of the subject in new poses (`degrade`: what a decoder's blur does), and
     renders of the subject without its unique feature (same shape, colour and stripes, no
     spot or second stripe colour), and between them and other objects."""
     first, second = view_pairs(seed, n)
@@ -213,13 +214,16 @@ def dino_quality(embedder, seed: int = EVAL_SEED, n: int = 128) -> dict[str, flo
     nearest_other = sims.masked_fill(same, -2).argmax(1)
     shape_true = [s.shape for s in first]
 
-    subject_same, lookalike, other = [], [], []
+    subject_same, soft, lookalike, other = [], [], [], []
     for k, subject in enumerate(SUBJECTS.values()):
         instances = _embed(embedder, subject_scenes(subject, 6))
         plain = dataclasses.replace(subject.base, second_pattern_color=None, spot_color=None)
         rng = np.random.default_rng([seed, k, 13])
         lookalikes = _embed(embedder, [random_view(plain, rng) for _ in range(6)])
+        # new poses as a decoder returns them: blurred or through a lower resolution
+        softened = [degrade(render(s), rng) for s in subject_scenes(subject, 6, seed=seed)]
         subject_same.append(_mean_offdiagonal(instances @ instances.T))
+        soft.append(float((instances @ _unit(embedder.embed_images(softened)).T).mean()))
         lookalike.append(float((instances @ lookalikes.T).mean()))
         other.append(float((instances @ a.T).mean()))
     return {
@@ -232,6 +236,7 @@ def dino_quality(embedder, seed: int = EVAL_SEED, n: int = 128) -> dict[str, flo
             np.mean([shape_true[int(j)] == shape_true[i] for i, j in enumerate(nearest_other)])
         ),
         "subject_same_cos": float(np.mean(subject_same)),
+        "subject_softened_cos": float(np.mean(soft)),
         "subject_lookalike_cos": float(np.mean(lookalike)),
         "subject_other_cos": float(np.mean(other)),
     }

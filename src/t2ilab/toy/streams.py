@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from t2ilab.toy.world import (
@@ -234,16 +235,36 @@ def collate_captioned(batch: list[dict]) -> dict:
     }
 
 
-class ObjectViews(Dataset):
-    """Two views of object i: {"views": [2, 3, H, W], "key": its appearance}."""
+def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The softness a decoder gives a render: a Gaussian blur (radius 0.3-1.5 px) or a round
+    trip through a lower resolution (20-40 px). Real DINO shrugs off SD's VAE; a toy one trained
+    only on crisp renders scored the subject's own VAE round trips 0.52 (issue 16)."""
+    side = image.width
+    if rng.random() < 0.5:
+        return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))
+    low = int(rng.integers(20, 41))
+    return image.resize((low, low), Image.BILINEAR).resize((side, side), Image.BICUBIC)
 
-    def __init__(self, size: int, seed: int, resolution: int = 64, extras_prob: float = 0.25):
+
+class ObjectViews(Dataset):
+    """Two views of object i: {"views": [2, 3, H, W], "key": its appearance}; each view is
+    softened by `degrade` with probability `degrade_prob`."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        resolution: int = 64,
+        extras_prob: float = 0.25,
+        degrade_prob: float = 0.0,
+    ):
         self.size, self.seed, self.resolution, self.extras_prob = (
             size,
             seed,
             resolution,
             extras_prob,
         )
+        self.degrade_prob = degrade_prob
 
     def __len__(self) -> int:
         return self.size
@@ -253,6 +274,9 @@ class ObjectViews(Dataset):
         scene = object_at(self.seed, index, self.extras_prob)
         rng = np.random.default_rng([self.seed, index, 11])
         views = [render(random_view(scene, rng), self.resolution) for _ in range(2)]
+        if self.degrade_prob > 0:  # its own stream: views stay those of degrade_prob = 0
+            soft = np.random.default_rng([self.seed, index, 19])
+            views = [degrade(v, soft) if soft.random() < self.degrade_prob else v for v in views]
         return {
             "views": torch.stack([image_to_tensor(v) for v in views]),
             "key": appearance(scene),
