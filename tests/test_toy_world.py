@@ -448,3 +448,22 @@ def test_subject_cli_writes_instances_and_refuses_to_overwrite(tmp_path):
     (line,) = again.stderr.strip().splitlines()
     assert line.startswith("t2ilab: error: ") and "choose an empty folder" in line
     assert (out / "00.png").read_bytes() == before
+
+
+def test_dino_views_are_softened_only_when_asked():
+    """ObjectViews: degrade_prob=0 gives the crisp renders the first toy_dino trained on, pixel
+    for pixel; degrade_prob=1 softens both views (fewer sharp edges, same mean colour)."""
+    from t2ilab.toy.streams import ObjectViews, object_at, random_view
+    from t2ilab.toy.world import image_to_tensor
+
+    crisp, soft = ObjectViews(4, seed=3), ObjectViews(4, seed=3, degrade_prob=1.0)
+    for index in range(4):
+        rng = np.random.default_rng([3, index, 11])
+        scene = object_at(3, index, 0.25)
+        expected = [image_to_tensor(render(random_view(scene, rng))) for _ in range(2)]
+        assert torch.equal(crisp[index]["views"], torch.stack(expected))
+        assert crisp[index]["key"] == soft[index]["key"]
+        for sharp, blurred in zip(crisp[index]["views"], soft[index]["views"], strict=True):
+            energy = lambda x: x.diff(dim=-1).pow(2).mean() + x.diff(dim=-2).pow(2).mean()  # noqa: E731
+            assert energy(blurred) < 0.85 * energy(sharp)
+            assert (blurred.mean((1, 2)) - sharp.mean((1, 2))).abs().max() < 0.01
