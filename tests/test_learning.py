@@ -36,6 +36,18 @@ def components():
     return load_sd_components(model_cfg)
 
 
+@pytest.fixture(scope="module")
+def class_pipe(components):
+    """The frozen tiny model as class images are generated with it (DDIM)."""
+    return build_sd_pipeline(
+        components.unet,
+        components.vae,
+        components.text_encoder,
+        components.tokenizer,
+        make_sampler("DDIMScheduler", components.scheduler_config),
+    )
+
+
 def make_module(components, noise=None, lr=1e-3):
     c = copy.deepcopy(components)
     return DreamBoothModule(
@@ -167,14 +179,8 @@ def test_export_replaces_only_atomically(components, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
 
 
-def test_class_images_are_reproducible_and_resume(components, tmp_path):
-    pipe = build_sd_pipeline(
-        components.unet,
-        components.vae,
-        components.text_encoder,
-        components.tokenizer,
-        make_sampler("DDIMScheduler", components.scheduler_config),
-    )
+def test_class_images_are_reproducible_and_resume(class_pipe, tmp_path):
+    pipe = class_pipe
     kwargs = dict(num_inference_steps=2, batch_size=2, seed=5, resolution=64)
     assert generate_class_images(pipe, "a photo of toy", tmp_path / "a", 3, **kwargs) == 3
     assert generate_class_images(pipe, "a photo of toy", tmp_path / "a", 3, **kwargs) == 0
@@ -202,14 +208,8 @@ def test_weights_fingerprint_tells_weights_apart(components):
     assert weights_fingerprint(moved) != same
 
 
-def test_class_images_refuse_a_folder_other_weights_made(components, tmp_path):
-    pipe = build_sd_pipeline(
-        components.unet,
-        components.vae,
-        components.text_encoder,
-        components.tokenizer,
-        make_sampler("DDIMScheduler", components.scheduler_config),
-    )
+def test_class_images_refuse_a_folder_other_weights_made(class_pipe, tmp_path):
+    pipe = class_pipe
     kwargs = dict(num_inference_steps=1, batch_size=2, seed=5, resolution=64)
     source = {"model": "tiny_sd", "pretrained": "None", "weights": "aaaaaaaaaaaa"}
     generate_class_images(pipe, "a toy", tmp_path / "made", 2, source=source, **kwargs)
