@@ -9,6 +9,7 @@ import string
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
+from t2ilab.models.families import family_of
 from t2ilab.models.loading import vae_scale_factor
 
 
@@ -220,7 +221,10 @@ def _template_fields(template: str) -> set[str]:
 
 def check_sample_prompts(cfg: DictConfig, prompt_vars: dict) -> None:
     """The sample grid's prompts use only variables this run's data defines: a template naming
-    another ({identifier} on a run without a subject) would stop training at the first grid."""
+    another ({identifier} on a run without a subject) would stop training at the first grid.
+    A class-conditional model's grid draws classes and reads no prompts."""
+    if not family_of(cfg.model).text:
+        return
     prompts = OmegaConf.select(cfg, "callbacks.samples.prompts")
     for template in prompts or []:
         try:
