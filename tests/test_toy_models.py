@@ -332,6 +332,13 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path):
     assert "_name_or_path" not in config(tuned)  # no path of this machine in a shipped folder
     (base_summary,) = json.loads((tuned / "base_training.json").read_text())
     assert base_summary == json.loads((base / "training.json").read_text())
+    # A second fine-tune lists both earlier records, newest first, in one flat list.
+    kept = [a for a in finetune if not a.startswith(("toy_component.module.init_from", "out_dir"))]
+    again = [*kept, f"toy_component.module.init_from={tuned}", f"out_dir={tmp_path / 'again'}"]
+    done = _pretrain(again, tmp_path / "run_again")
+    assert done.returncode == 0, done.stderr[-3000:]
+    chain = json.loads((tmp_path / "again" / "base_training.json").read_text())
+    assert chain == [json.loads((tuned / "training.json").read_text()), base_summary]
 
 
 TINY_CLIP = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import string
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -210,15 +209,6 @@ def check_devices(cfg: DictConfig) -> None:
         )
 
 
-def _template_fields(template: str) -> set[str]:
-    """The {names} a str.format template fills ({a.b} and {a[0]} count as a)."""
-    names = set()
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None:
-            names.add(field.split(".")[0].split("[")[0])
-    return names
-
-
 def check_sample_prompts(cfg: DictConfig, prompt_vars: dict) -> None:
     """The sample grid's prompts use only variables this run's data defines: a template naming
     another ({identifier} on a run without a subject) would stop training at the first grid.
@@ -227,16 +217,17 @@ def check_sample_prompts(cfg: DictConfig, prompt_vars: dict) -> None:
         return
     prompts = OmegaConf.select(cfg, "callbacks.samples.prompts")
     for template in prompts or []:
-        try:
-            missing = sorted(_template_fields(str(template)) - set(prompt_vars))
-        except ValueError as err:  # unbalanced braces
-            raise UserError(
-                f"callbacks.samples.prompts: {template!r} is not a template ({err})"
-            ) from None
-        if missing:
+        try:  # what the callback does at its first grid
+            str(template).format(**prompt_vars)
+        except KeyError as err:
             known = ", ".join("{" + k + "}" for k in sorted(prompt_vars)) or "none"
             raise UserError(
-                f"callbacks.samples.prompts: {template!r} uses {{{missing[0]}}}, which this "
+                f"callbacks.samples.prompts: {template!r} uses {{{err.args[0]}}}, which this "
                 f"run's data does not define (its variables: {known}); write the prompt out, "
                 "or set callbacks.samples.prompts=null for the data's own prompts"
-            )
+            ) from None
+        except (IndexError, ValueError) as err:  # {} or unbalanced braces
+            raise UserError(
+                f"callbacks.samples.prompts: {template!r} is not a template "
+                f"({type(err).__name__}: {err}); use {{{{ }}}} for literal braces"
+            ) from None

@@ -227,12 +227,13 @@ class VaeDecoderFinetune(VaePretrain):
         self.vae.post_quant_conv.requires_grad_(True)
         self.kl_weight, self.l1_weight, self.mse_weight = 0.0, l1_weight, mse_weight
         self.edge_weight, self.extras_prob, self.scale_images = edge_weight, extras_prob, 512
-        # Read now: the output folder may be the base folder, replaced at export.
-        self.base_training = [
-            json.loads((base / name).read_text())
-            for name in ("training.json", "base_training.json")
-            if (base / name).is_file()
-        ]
+        # Read now: the output folder may be the base folder, replaced at export. The records
+        # go newest first, one list however many fine-tunes the base already had.
+        self.base_training = []
+        if (base / "training.json").is_file():
+            self.base_training.append(json.loads((base / "training.json").read_text()))
+        if (base / "base_training.json").is_file():
+            self.base_training += json.loads((base / "base_training.json").read_text())
 
     def export(self, folder: Path) -> None:
         """The diffusers folder with the base's scaling factor (same encoder, same latents)."""
