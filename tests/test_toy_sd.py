@@ -121,6 +121,37 @@ def test_the_curriculum_moves_from_large_centred_objects_to_the_whole_world(toke
         ToyWorldDataModule(curriculum_steps=-1).check()
 
 
+def test_a_curriculum_floor_keeps_a_share_of_large_centred_objects(tokenizer):
+    """data.curriculum_floor f: the share never falls below f, during the curriculum or after
+    it, so a model keeps practising the outlines it learned first; draws the floor does not
+    pick are the world's own."""
+    import numpy as np
+
+    plain = ToyWorldTextImages(tokenizer, 4000, 0, 32, caption="dense")
+    kept = ToyWorldTextImages(
+        tokenizer, 4000, 0, 32, caption="dense", curriculum_draws=1000, curriculum_floor=0.4
+    )
+    only_floor = ToyWorldDataModule(size=4000, curriculum_floor=0.4)
+
+    def easy(scene):
+        return scene.size == "large" and scene.position == "center"
+
+    base = np.mean([easy(plain.scene(d)) for d in range(2000, 3000)])
+    after = np.mean([easy(kept.scene(d)) for d in range(2000, 3000)])
+    assert abs(after - (0.4 + 0.6 * base)) < 0.05, after
+    early = np.mean([easy(kept.scene(d)) for d in range(0, 200)])  # 1 - d/N is above the floor
+    assert early > 0.85, early
+    moved = [d for d in range(2000, 3000) if kept.scene(d) != plain.scene(d)]
+    assert moved and all(easy(kept.scene(d)) for d in moved)
+    only_floor.check()
+    only_floor.tokenizer = tokenizer
+    only_floor.setup()
+    share = np.mean([easy(only_floor.dataset.scene(d)) for d in range(1000)])
+    assert abs(share - (0.4 + 0.6 * base)) < 0.06, share  # a floor without a curriculum
+    with pytest.raises(UserError, match="data.curriculum_floor=1.5"):
+        ToyWorldDataModule(curriculum_floor=1.5).check()
+
+
 def test_a_new_unet_over_pretrained_parts_from_folders(tmp_path, tokenizer):
     """model.components: VAE and text encoder load from folders, the UNet is built."""
     from diffusers import AutoencoderKL

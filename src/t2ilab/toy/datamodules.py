@@ -45,7 +45,8 @@ class ToyWorldScenes(Dataset):
     With `curriculum_draws` N, draw d shows its object large and centred with probability
     1 - d / N (its shape, colours, pattern, background and caption words stay the scene's own),
     so training starts on the objects whose outline is easiest to see and reaches the whole
-    world at draw N."""
+    world at draw N. `curriculum_floor` f keeps that probability at f or above for good: a model
+    that moves on to the whole world keeps practising the large outlines it learned first."""
 
     def __init__(
         self,
@@ -54,10 +55,12 @@ class ToyWorldScenes(Dataset):
         resolution: int,
         shapes: tuple[str, ...] = SHAPES,
         curriculum_draws: int = 0,
+        curriculum_floor: float = 0.0,
     ):
         self.size, self.seed, self.resolution = int(size), int(seed), resolution
         self.shapes = tuple(shapes)
         self.curriculum_draws = int(curriculum_draws)
+        self.curriculum_floor = float(curriculum_floor)
 
     def __len__(self) -> int:
         return self.size
@@ -65,6 +68,7 @@ class ToyWorldScenes(Dataset):
     def scene(self, draw: int):
         scene = scene_at(self.seed, draw, shapes=self.shapes)
         easy_share = 1.0 - draw / self.curriculum_draws if self.curriculum_draws > 0 else 0.0
+        easy_share = max(easy_share, self.curriculum_floor)
         # A stream of its own, so that the curriculum does not move the caption choices.
         if easy_share > 0 and random.Random(f"{self.seed}/{draw}/curriculum").random() < easy_share:
             scene = dataclasses.replace(scene, size="large", position="center")
@@ -89,8 +93,9 @@ class ToyWorldTextImages(ToyWorldScenes):
         caption_dropout: float = 0.0,
         shapes: tuple[str, ...] = SHAPES,
         curriculum_draws: int = 0,
+        curriculum_floor: float = 0.0,
     ):
-        super().__init__(size, seed, resolution, shapes, curriculum_draws)
+        super().__init__(size, seed, resolution, shapes, curriculum_draws, curriculum_floor)
         self.tokenizer, self.caption, self.caption_dropout = tokenizer, caption, caption_dropout
         self.empty_ids = tokenize(tokenizer, "")
 
@@ -146,11 +151,12 @@ class ToyWorldDataModule(T2IDataModule):
         validation_prompts: list[str] | None = None,
         shapes: list[str] | None = None,
         curriculum_steps: int = 0,
+        curriculum_floor: float = 0.0,
         cache: dict | None = None,  # no caching: check() refuses data.cache.latents/text=true
         **_ignored,
     ):
         super().__init__(cache, **_ignored)
-        self.curriculum_steps = curriculum_steps
+        self.curriculum_steps, self.curriculum_floor = curriculum_steps, curriculum_floor
         self.size, self.seed, self.resolution = size, seed, resolution
         self.caption, self.caption_dropout = caption, caption_dropout
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -173,6 +179,11 @@ class ToyWorldDataModule(T2IDataModule):
                 f"data.curriculum_steps={self.curriculum_steps}: use 0 (off) or the number of "
                 "steps over which large centred objects give way to the whole world"
             )
+        if not 0.0 <= float(self.curriculum_floor) <= 1.0:
+            raise UserError(
+                f"data.curriculum_floor={self.curriculum_floor} is not a share: use 0.0 (the "
+                "whole world after the curriculum) to 1.0 (large centred objects only)"
+            )
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise UserError(f"data.shapes: unknown {unknown}; the toy world has {list(SHAPES)}")
@@ -192,6 +203,7 @@ class ToyWorldDataModule(T2IDataModule):
             self.caption_dropout,
             self.shapes,
             self.curriculum_draws,
+            float(self.curriculum_floor),
         )
 
     @property
@@ -225,5 +237,10 @@ class ToyWorldClassDataModule(ToyWorldDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset = ToyWorldClassImages(
-            self.size, self.seed, self.resolution, self.shapes, self.curriculum_draws
+            self.size,
+            self.seed,
+            self.resolution,
+            self.shapes,
+            self.curriculum_draws,
+            float(self.curriculum_floor),
         )
