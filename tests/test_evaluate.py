@@ -251,6 +251,7 @@ def _no_pipeline(*a, **k):
         ),
         (lambda t: ["eval.div_distance=lpips"], "needs torchvision"),
         (lambda t: ["eval.subject_type=pet"], "eval.subject_type"),
+        (lambda t: ["eval.prior_images=1"], "eval.prior_images=1"),
     ],
 )
 def test_bad_evaluation_input(overrides, match, make_cfg, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ def save_eval_outputs(out: EvalOutput, folder: str | Path) -> Path:
         )
     if out.prior_images:
         save_image_atomic(
-            make_grid(out.prior_images, rows=1, captions=["prior"]), folder / "prior.png"
+            make_grid(out.prior_images, rows=-(-len(out.prior_images) // 8), captions=["prior"]),
+            folder / "prior.png",
         )
     with atomic_file(folder / "prompts.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ROW_COLUMNS))

@@ -93,6 +93,19 @@ class DreamBoothProtocol:
                 f"eval.images_per_prompt={n}: DIV compares images of the same prompt, so it needs "
                 "at least 2 (the paper uses 4); raise it, or set eval.div_distance=null to skip div"
             )
+        prior_n = self.cfg.get("prior_images")
+        if prior_n is not None and int(prior_n) < 2:
+            raise UserError(
+                f"eval.prior_images={prior_n}: PRES and prior_div need at least 2 class-prompt "
+                "images; raise it, or null for images_per_prompt"
+            )
+
+    @property
+    def num_prior_images(self) -> int:
+        """Class-prompt images for PRES and prior_div: more than one prompt's worth is cheap
+        and steadies both (prior_div from 4 images averages 6 pairs)."""
+        n = self.cfg.get("prior_images")
+        return int(self.cfg["images_per_prompt"]) if n is None else int(n)
 
     def evaluators(self) -> tuple[DinoEmbedder, ClipEmbedder]:
         if self._evaluators is None:
@@ -117,10 +130,12 @@ class DreamBoothProtocol:
 
     @torch.no_grad()
     def generate(
-        self, pipe, prompts: list[str], desc: str = "eval images"
+        self, pipe, prompts: list[str], desc: str = "eval images", n: int | None = None
     ) -> dict[str, list[Image.Image]]:
-        """`images_per_prompt` images per prompt; image i of every prompt uses seed + i."""
-        cfg, n = self.cfg, int(self.cfg["images_per_prompt"])
+        """`n` (default `images_per_prompt`) images per prompt; image i of every prompt uses
+        seed + i."""
+        cfg = self.cfg
+        n = int(cfg["images_per_prompt"]) if n is None else n
         batch = max(1, int(cfg.get("batch_size", 8)))
         seed = int(cfg.get("seed", 0))
         jobs = [(p, i) for p in prompts for i in range(n)]
@@ -148,7 +163,9 @@ class DreamBoothProtocol:
             self.device = pipe.device
         generations = self.generate(pipe, self.prompts)
         prior = (
-            self.generate(pipe, [self.prior_prompt], "prior images")[self.prior_prompt]
+            self.generate(pipe, [self.prior_prompt], "prior images", self.num_prior_images)[
+                self.prior_prompt
+            ]
             if self.prior_prompt
             else None
         )
