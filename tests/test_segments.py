@@ -47,11 +47,33 @@ def test_total_wall_time_is_unknown_when_a_part_is():
     assert total_wall_time_s([{"t": 2.0}, {"t": 3.0}], "t") == 5.0
 
 
-def _run_folder(path, results):
+def _run_folder(path, results, model=None):
     (path / ".hydra").mkdir(parents=True)
     (path / "results.json").write_text(json.dumps(results))
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=x", "seed=3"]))
-    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 3, "model": {}}))
+    config = {"seed": 3, "model": model or {}}
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_run_from_another_runs_export_is_its_second_stage(tmp_path):
+    """toy_sd's second stage loads the first one's export with model.pretrained: shipping
+    records both; a model.pretrained that is no run's export (a shipped folder) is no stage."""
+    from t2ilab.toy.ship import stage_records
+
+    _run_folder(tmp_path / "shapes", {"steps": 40, "wall_time_s": 10.0})
+    (tmp_path / "shapes" / "export").mkdir()
+    _run_folder(
+        tmp_path / "world",
+        {"steps": 30, "wall_time_s": 5.0},
+        {"pretrained": str(tmp_path / "shapes" / "export")},
+    )
+    first, second = stage_records(tmp_path / "world")
+    assert (first["steps"], second["steps"]) == (40, 30)
+    assert first["run"] == str(tmp_path / "shapes")
+    _run_folder(
+        tmp_path / "dreambooth", {"steps": 8, "wall_time_s": 1.0}, {"pretrained": "x/export"}
+    )
+    assert len(stage_records(tmp_path / "dreambooth")) == 1
 
 
 def test_shipping_records_every_launch(tmp_path):

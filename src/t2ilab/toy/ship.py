@@ -11,7 +11,8 @@ copy equals toy_clip's tower); toy_pixart links to that copy.
 
 With --run, the training run's record goes in too, as for the other toy models: training.json
 (command, seed, steps, wall time, versions, and `quality.sd_quality` measured on the linked
-folder; for a staged model every stage, found through model.init_from; for a run stopped and
+folder; for a staged model every stage, found through model.init_from or a model.pretrained
+that names a run's export; for a run stopped and
 continued, every launch with its steps, wall time and command) and its last sample grid as
 samples.png:
 
@@ -107,12 +108,25 @@ def _run_record(run: Path) -> dict:
         "train_wall_time_s": wall_time,
         "segments": segments,
         "metrics": results.get("metrics", {}),
-        "init_from": (config.get("model") or {}).get("init_from"),
+        "init_from": _started_from(config.get("model") or {}),
     }
 
 
+def _started_from(model: dict) -> str | None:
+    """The earlier stage a run started from: model.init_from (PixArt's hand-over), or
+    model.pretrained when that is another run's export (toy_sd's second stage)."""
+    if model.get("init_from"):
+        return model["init_from"]
+    pretrained = model.get("pretrained")
+    if pretrained and Path(pretrained).name == "export":
+        if (Path(pretrained).parent / "results.json").is_file():
+            return pretrained
+    return None
+
+
 def stage_records(run: Path) -> list[dict]:
-    """The run and every earlier stage it started from (model.init_from), first stage first."""
+    """The run and every earlier stage it started from (model.init_from, or model.pretrained
+    naming a run's export), first stage first."""
     records, seen = [], set()
     while run is not None and run.resolve() not in seen:
         seen.add(run.resolve())
