@@ -227,7 +227,7 @@ def no_weights(monkeypatch):
             r"was trained with noise.prediction_type="
             r"'v_prediction' \(now None\): a resume keeps the model, method, noise and data",
         ),
-        ({"data.batch_size": 8}, r"data.batch_size=8 \(now 1\)"),
+        ({"data.batch_size": 8}, r"data.batch_size=8 \(now 4\)"),  # toy_sd's scale: 4
     ],
 )
 def test_a_checkpoint_of_other_settings_is_refused_before_weights_load(
