@@ -244,7 +244,7 @@ def test_a_runs_output_is_short_and_true(tmp_path, monkeypatch):
     lines = [line.strip() for line in re.split(r"[\r\n]+", output) if line.strip()]
     bar = [line for line in lines if "step 3/3" in line]
     assert bar and RATE.search(bar[-1]), bar
-    assert "Trainable params: 2.5 M" in output  # the toy UNet, all of it
+    assert "Trainable params: 5.6 M" in output  # the toy UNet, all of it
     assert re.search(r"Modules in train mode: [1-9]", output)
     offline_run = next((run_dir / "wandb").glob("offline-run-*"))
     assert f"W&B: logging offline (WANDB_MODE=offline) to {offline_run}" in output
