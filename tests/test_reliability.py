@@ -320,6 +320,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
         *QUICK,
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "data.batch_size=1",  # BATCHES_PER_EPOCH's batch (toy_sd's scale trains 4)
     ]
     last = run_dir / "checkpoints" / "last.ckpt"
     killed_at = kill_once_checkpointed(train_command(args, run_dir), last, min_step=4)
