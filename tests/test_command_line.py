@@ -273,6 +273,32 @@ def test_a_key_added_since_the_checkpoint_is_no_change_at_its_old_behaviour():
         settings_changes(trained, {"data.seed": 0, "data.curriculum_steps": 100}, "x")
 
 
+def test_a_run_of_a_moved_project_resumes_and_other_paths_are_still_refused(tmp_path):
+    """Bundled models are configured as ${paths.root_dir}/models/...: a checkpoint written in
+    another clone of the project records that clone's folder. Moving the project keeps the
+    file; a path to another file is still another model."""
+    key = "model.components.text_encoder"
+    trained = {key: "/old/clone/models/toy/toy_clip", "seed": 0}
+    root = str(tmp_path / "project")
+    now = {key: f"{root}/models/toy/toy_clip", "seed": 0}
+    assert settings_changes(trained, now, "x", root) == {key: [trained[key], now[key]]}
+    for other in (f"{root}/models/toy/toy_vae", "/elsewhere/models/toy/toy_clip"):
+        with pytest.raises(UserError, match="a resume keeps the model"):
+            settings_changes(trained, {**now, key: other}, "x", root)
+    with pytest.raises(UserError, match="a resume keeps the model"):
+        settings_changes(trained, now, "x")  # without the project folder: not compared as moved
+
+
+def test_a_checkpoint_of_a_moved_project_is_the_same_model(tmp_path):
+    root = str(tmp_path / "project")
+    trained = {"model.pretrained": "/old/clone/models/toy/toy_sd"}
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 3, "state_dict": {}, RECORD_KEY: {"settings": trained}}, path)
+    assert inspect_checkpoint(path, {"model.pretrained": f"{root}/models/toy/toy_sd"}, root)
+    with pytest.raises(UserError, match="model.pretrained=/old/clone/models/toy/toy_sd"):
+        inspect_checkpoint(path, {"model.pretrained": f"{root}/models/toy/toy_pixart"}, root)
+
+
 def test_a_checkpoint_naming_a_moved_module_class_still_resumes(tmp_path):
     """Checkpoints stamped before the module renames (issue 14.7) record the old class path."""
     key = "method.module._target_"

@@ -144,10 +144,27 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def inspect_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def moved_with_project(trained: Any, current: Any, root: str | None) -> bool:
+    """Whether `current` is a path inside the project folder `root` and `trained` names the same
+    path inside another folder: '/old/clone/models/toy/toy_clip' against
+    '<root>/models/toy/toy_clip'. Configs write bundled models as ${paths.root_dir}/..., so the
+    recorded paths change whenever the project moves."""
+    if not (root and isinstance(trained, str) and isinstance(current, str)):
+        return False
+    project = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.abspath(current))
+    if not path.startswith(project + os.sep):
+        return False
+    tail = path[len(project) :]
+    return os.path.isabs(trained) and os.path.normpath(trained).endswith(tail)
+
+
+def inspect_checkpoint(
+    path: Path, settings: dict[str, Any], root: str | None = None
+) -> dict[str, Any]:
     """Before any weights load: the checkpoint at `path` must be whole and have been trained
-    with this run's model and method (`settings`: flat config keys). Returns its record plus
-    `global_step`."""
+    with this run's model and method (`settings`: flat config keys; `root`: the project folder,
+    see moved_with_project). Returns its record plus `global_step`."""
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(
@@ -159,7 +176,12 @@ def inspect_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         record["settings"] = current_settings(record["settings"])
     trained = record.get("settings", {})
     for key in IDENTITY_KEYS:
-        if key in trained and key in settings and trained[key] != settings[key]:
+        if (
+            key in trained
+            and key in settings
+            and trained[key] != settings[key]
+            and not moved_with_project(trained[key], settings[key], root)
+        ):
             raise UserError(
                 f"ckpt_path={path} was trained with {key}={trained[key]}, this run has "
                 f"{key}={settings[key]}: resume with {key}={trained[key]}, or start a new run "

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from t2ilab.checkpoints import moved_with_project
 from t2ilab.errors import UserError
 from t2ilab.loggers import flat_config
 
@@ -47,10 +48,12 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
 
 
 def settings_changes(
-    trained: dict[str, Any], current: dict[str, Any], ckpt_path: str
+    trained: dict[str, Any], current: dict[str, Any], ckpt_path: str, root: str | None = None
 ) -> dict[str, list[Any]]:
     """{key: [checkpoint's value, this run's value]} for every changed setting; raises a
-    UserError when one of them may not change on resume."""
+    UserError when one of them may not change on resume. `root` is this run's project folder:
+    a path inside it that the checkpoint recorded under another folder with the same tail
+    (the project was moved or cloned elsewhere) is the same file, and may differ."""
     added = {k: v for k, v in ADDED_SETTINGS.items() if k in current and k not in trained}
     trained = {**trained, **added}
     changes = {
@@ -58,7 +61,13 @@ def settings_changes(
         for key in sorted(set(trained) | set(current))
         if trained.get(key) != current.get(key)
     }
-    fixed = [k for k in changes if k.startswith(_FIXED) and not k.startswith(_MAY_CHANGE)]
+    fixed = [
+        k
+        for k in changes
+        if k.startswith(_FIXED)
+        and not k.startswith(_MAY_CHANGE)
+        and not moved_with_project(*changes[k], root)
+    ]
     if fixed:
         shown = ", ".join(f"{k}={changes[k][0]!r} (now {changes[k][1]!r})" for k in fixed[:3])
         more = f" and {len(fixed) - 3} more" if len(fixed) > 3 else ""

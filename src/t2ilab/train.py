@@ -246,11 +246,11 @@ def plan_resume(cfg: DictConfig) -> ResumePlan:
     if path is None:
         return ResumePlan()
     settings = settings_of(cfg)
-    record = inspect_checkpoint(Path(path), settings)
+    record = inspect_checkpoint(Path(path), settings, cfg.paths.root_dir)
     trained = record.get("settings")
     if trained is None:
         log.warning("%s has no record of its settings (an older checkpoint): not compared", path)
-    changes = settings_changes(trained, settings, path) if trained else {}
+    changes = settings_changes(trained, settings, path, cfg.paths.root_dir) if trained else {}
     history = list(record.get("resumes", []))
     if changes:
         history.append({"step": record["global_step"], "changed": changes})
