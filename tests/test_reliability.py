@@ -180,6 +180,25 @@ def test_keep_last_bounds_step_checkpoints(tmp_path, kwargs, expected):
     assert (folder / "last.ckpt").is_file()
 
 
+def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(tmp_path):
+    """Lightning forgets last.ckpt when the run folder moved; the continuation must still
+    replace it (not write last-v1.ckpt), or the next ckpt_path=last resumes the old step."""
+    import shutil
+    import warnings
+
+    first = tmp_path / "first"
+    tiny_trainer(first, [step_checkpoints_in(first / "checkpoints")], max_steps=4).fit(TinyModule())
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dirpath has changed")
+        trainer = tiny_trainer(moved, [step_checkpoints_in(moved / "checkpoints")], max_steps=6)
+        trainer.fit(TinyModule(), ckpt_path=str(moved / "checkpoints" / "last.ckpt"))
+    folder = moved / "checkpoints"
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
 def test_default_config_keeps_one_step_checkpoint_and_stops_on_nan():
     cfg = OmegaConf.load(ROOT / "conf/callbacks/default.yaml")
     ckpt = cfg.model_checkpoint

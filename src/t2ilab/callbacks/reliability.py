@@ -145,6 +145,17 @@ class KeepLastCheckpoint(ModelCheckpoint):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._held_warnings = []
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Lightning restores last_model_path only for the folder the checkpoint was written in.
+        # After the run folder moved (or was copied), save_last would then write last-v1.ckpt
+        # beside the old last.ckpt, and the next ckpt_path=last would resume the old one. The
+        # folder is this run's (train.check_continuation): last.ckpt is the file to replace.
+        if self.save_last and not self.last_model_path and self.dirpath:
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            if last.is_file():
+                self.last_model_path = str(last)
+
     def _resumes_from_dirpath(self, trainer) -> bool:
         ckpt, dirpath = trainer.ckpt_path, self.dirpath
         if not ckpt or not dirpath or "://" in str(ckpt) + str(dirpath):
