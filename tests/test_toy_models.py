@@ -416,12 +416,13 @@ def test_toy_sd_follows_the_colours_and_shape_of_a_prompt(toy_sd):
     metrics = quality.sd_quality(toy_sd, SEED, n=32)
     assert metrics["render_background_acc"] == metrics["render_object_color_acc"] == 1.0
     assert metrics["render_shape_acc"] == 1.0
-    # chance 1/11 for colours, 1/8 for shape; measured on this seed: background 1.0, object
-    # 0.91, shape 0.56 (on the recipe's seed 1000, 64 prompts: 0.98, 0.91, 0.55). The first
-    # toy_sd drew blobs: shape 0.09, background 0.22 (experiments/toy_world/README.md).
-    assert metrics["object_color_acc"] >= 0.8, metrics
-    assert metrics["background_acc"] >= 0.85, metrics
-    assert metrics["shape_acc"] >= 0.4, metrics
+    # The issue's figures (issue 16). Chance: 1/11 for colours, 1/8 for shape. Measured on this
+    # seed: background 1.0, object 0.97, shape 0.69 (the recipe's seed 1000, 64 prompts: 0.98,
+    # 0.92, 0.73; seed 7, 128 prompts: 1.0, 0.98, 0.70). The first toy_sd drew blobs: shape
+    # 0.09, background 0.22 (experiments/toy_world/README.md).
+    assert metrics["object_color_acc"] >= 0.85, metrics
+    assert metrics["background_acc"] >= 0.7, metrics
+    assert metrics["shape_acc"] >= 0.6, metrics
 
 
 # --- toy_pixart ------------------------------------------------------------------------------
