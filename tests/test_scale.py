@@ -8,15 +8,18 @@ from t2ilab.scale import scale_changes, scale_line
 from t2ilab.train import log_scale_changes
 
 # experiment=dreambooth_sigmoid on its model=toy_sd: what conf/scale/toy_sd.yaml replaces. Its
-# sampling.num_inference_steps and checkpoint/sample intervals equal the experiment's: not listed.
+# sampling.num_inference_steps equals the experiment's: not listed.
 TOY_SD = {
-    "method.lr": (5e-06, 5e-04),
+    "method.lr": (5e-06, 6e-04),
+    "method.module.lr_scheduler.name": ("constant", "cosine"),
     "method.num_class_images": (200, 100),
     "method.class_image_batch_size": (4, 25),
     "data.batch_size": (1, 4),
-    "trainer.max_steps": (800, 400),
+    "trainer.max_steps": (800, 500),
     "sampling.guidance_scale": (7.5, 4.0),
     "callbacks.samples.images_per_prompt": (2, 4),
+    "callbacks.model_checkpoint.every_n_train_steps": (200, 250),
+    "callbacks.samples.every_n_steps": (200, 250),
 }
 
 
@@ -31,9 +34,9 @@ def test_scale_names_exactly_what_it_changed(make_cfg, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "t2ilab.train"]
     assert len(lines) == 1
     assert lines[0].startswith("scale/toy_sd (applied with model=toy_sd, after the experiment)")
-    assert "method.lr 5e-06 -> 0.0005, method.num_class_images 200 -> 100," in lines[0]
+    assert "method.lr 5e-06 -> 0.0006, method.module.lr_scheduler.name constant -> cosine," in lines[0]
     assert "callbacks.samples.prompts [4 items] -> [4 items]" in lines[0]
-    assert "num_inference_steps" not in lines[0] and "every_n" not in lines[0]
+    assert "num_inference_steps" not in lines[0]
 
 
 def test_command_line_keys_are_not_listed(make_cfg):

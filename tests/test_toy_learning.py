@@ -1,5 +1,5 @@
 """The methods work, not only run: DreamBooth on toy_sd (the bundled striped star, the
-budget of conf/scale/toy_sd.yaml: 400 steps of 4 images at lr 5e-4) with and without prior
+budget of conf/scale/toy_sd.yaml: 500 steps of 4 images at lr 6e-4, cosine) with and without prior
 preservation, and the quickstart itself over four seeds, scored by the shipped toy evaluators
 against the base model on the same prompts and seeds. About 15 minutes: `slow`.
 
@@ -34,21 +34,28 @@ def _metrics(run_dir) -> dict[str, float]:
     return json.loads((run_dir / "results.json").read_text())["metrics"]
 
 
-def _base_and_dreambooth(root, args: list[str], base_keys: tuple[str, ...]) -> dict:
-    """The base model's metrics (evaluate.py with the `base_keys` overrides of `args`), and
-    DreamBooth's with and without prior preservation (train.py with `args`)."""
-    eval_args = [a for a in args if a.startswith(base_keys)] + ["logger=csv"]
-    jobs = {
-        "base": (eval_args, "evaluate.py"),
-        "prior": ([*args, "method.prior_preservation=true"], "train.py"),
-        "no_prior": ([*args, "method.prior_preservation=false"], "train.py"),
-    }
+def _run_jobs(root, jobs: dict[str, tuple[list[str], str]]) -> dict[str, dict[str, float]]:
+    """{name: (overrides, script)} run one after another in root/<name>: their metrics."""
     out = {}
     for name, (job_args, script) in jobs.items():
         proc = run_train(job_args, root / name, timeout=600, script=script)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         out[name] = _metrics(root / name)
     return out
+
+
+def _base_and_dreambooth(root, args: list[str], base_keys: tuple[str, ...]) -> dict:
+    """The base model's metrics (evaluate.py with the `base_keys` overrides of `args`), and
+    DreamBooth's with and without prior preservation (train.py with `args`)."""
+    eval_args = [a for a in args if a.startswith(base_keys)] + ["logger=csv"]
+    return _run_jobs(
+        root,
+        {
+            "base": (eval_args, "evaluate.py"),
+            "prior": ([*args, "method.prior_preservation=true"], "train.py"),
+            "no_prior": ([*args, "method.prior_preservation=false"], "train.py"),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +87,28 @@ def test_prior_preservation_keeps_the_class_prior(runs):
 
 
 # The README's quickstart as typed (`python train.py experiment=dreambooth_sigmoid`), seeds 0-3.
-# Measured on 2026-12-04 (2 threads): DINO 0.575 / 0.595 / 0.592 / 0.380 (the base model: 0.245),
-# prior_div 0.820 / 0.793 / 0.857 / 0.842 (base 0.871). Issue 16 asks DINO >= 0.5 in every seed;
-# seed 3 is short of it at this budget (0.52 with 500 steps, one run), so the floor asserted is
-# what holds: 0.5 in three seeds of four, and the subject clearly above the base in all.
+# Measured on 2026-12-04 (2 threads): DINO 0.620 / 0.610 / 0.628 / 0.584 (the base model: 0.251),
+# prior_div 0.801 / 0.833 / 0.828 / 0.843 (base 0.887, from 32 images of "a star"). Issue 16's
+# floor, asserted in every seed: DINO >= 0.5 and prior_div within 0.1 of the base model's.
 QUICKSTART_SEEDS = (0, 1, 2, 3)
 DINO_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart")
-    out = {}
-    for name, args, script in [
-        ("base", ["logger=csv"], "evaluate.py"),
-        *[
-            (f"seed{s}", ["experiment=dreambooth_sigmoid", "logger=csv", f"seed={s}"], "train.py")
-            for s in QUICKSTART_SEEDS
-        ],
-    ]:
-        proc = run_train(args, root / name, timeout=600, script=script)
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
-        out[name] = _metrics(root / name)
-    return out
+    seeds = {
+        f"seed{s}": (["experiment=dreambooth_sigmoid", "logger=csv", f"seed={s}"], "train.py")
+        for s in QUICKSTART_SEEDS
+    }
+    jobs = {"base": (["logger=csv"], "evaluate.py"), **seeds}
+    return _run_jobs(tmp_path_factory.mktemp("quickstart"), jobs)
 
 
 def test_the_quickstart_learns_the_subject_in_every_seed(quickstart):
     base = quickstart["base"]["dino"]
     dino = {s: quickstart[f"seed{s}"]["dino"] for s in QUICKSTART_SEEDS}
-    assert sum(d >= DINO_FLOOR for d in dino.values()) >= 3, dino
-    assert all(d > base + 0.1 for d in dino.values()), (base, dino)
+    assert all(d >= DINO_FLOOR for d in dino.values()), dino
+    assert all(d > base + 0.25 for d in dino.values()), (base, dino)
 
 
 def test_the_quickstart_keeps_the_class_prompts_variety_in_every_seed(quickstart):
