@@ -34,7 +34,9 @@ def test_scale_names_exactly_what_it_changed(make_cfg, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "t2ilab.train"]
     assert len(lines) == 1
     assert lines[0].startswith("scale/toy_sd (applied with model=toy_sd, after the experiment)")
-    assert "method.lr 5e-06 -> 0.0006, method.module.lr_scheduler.name constant -> cosine," in lines[0]
+    assert (
+        "method.lr 5e-06 -> 0.0006, method.module.lr_scheduler.name constant -> cosine," in lines[0]
+    )
     assert "callbacks.samples.prompts [4 items] -> [4 items]" in lines[0]
     assert "num_inference_steps" not in lines[0]
 

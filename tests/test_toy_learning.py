@@ -65,10 +65,11 @@ def runs(tmp_path_factory):
 
 def test_dreambooth_moves_generations_toward_the_subject(runs):
     """Subject fidelity: DINO and CLIP-I of "a sks star ..." generations rise above the base
-    model's (which has never seen the subject). Measured 2026-12-04: DINO 0.182 (base) -> 0.594
-    with the prior loss, 0.245 without; CLIP-I 0.440 -> 0.568 / 0.469. Without the prior loss the
-    toy budget's lr 5e-4 overfits the four subject images (train loss 0.008 against 0.26) and
-    degrades every generation (PRES 0.38, prior_div 0.56), so its margins are small."""
+    model's (which has never seen the subject). Measured 2026-12-04 on toy_sd's 5000-step
+    weights: DINO 0.194 (base) -> 0.686 with the prior loss, 0.542 without; CLIP-I 0.432 ->
+    0.603 / 0.544. Without the prior loss the toy budget overfits the four subject images (train
+    loss 0.003 against 0.049) and "a star" turns into the subject (PRES 0.71 against the base
+    model's 0.16, prior_div 0.44 against 0.89)."""
     base, prior, no_prior = runs["base"], runs["prior"], runs["no_prior"]
     assert prior["dino"] > base["dino"] + 0.2, (prior, base)
     assert prior["clip_i"] > base["clip_i"] + 0.05, (prior, base)
@@ -79,11 +80,12 @@ def test_dreambooth_moves_generations_toward_the_subject(runs):
 def test_prior_preservation_keeps_the_class_prior(runs):
     """Language drift: fine-tuning narrows what "a star" generates (prior_div, the diversity
     of the class prompt's images, falls below the base model's), and the prior loss holds
-    more of it (so in all four seeds of the reproduction). PRES, the class images' likeness to
-    the subject, fell in three of four seeds there, so it is not asserted."""
+    more of it; without it "a star" draws the subject (PRES, the class images' likeness to the
+    subject, 0.71 against 0.13 with the prior loss on 2026-12-04; measured above)."""
     base, prior, no_prior = runs["base"], runs["prior"], runs["no_prior"]
     assert no_prior["prior_div"] < base["prior_div"], (no_prior, base)
-    assert prior["prior_div"] > no_prior["prior_div"], (prior, no_prior)
+    assert prior["prior_div"] > no_prior["prior_div"] + 0.2, (prior, no_prior)
+    assert prior["pres"] < no_prior["pres"] - 0.2, (prior, no_prior)
 
 
 # The README's quickstart as typed (`python train.py experiment=dreambooth_sigmoid`), seeds 0-3.
