@@ -112,6 +112,28 @@ def test_nan_loss_stops_before_the_update_and_names_where_to_resume(tmp_path, cl
     assert not list(folder.glob("diverged_*"))  # no checkpoint held the failing weights
 
 
+class DecayingTinyModule(TinyModule):
+    """TinyModule whose learning rate halves every step (a decaying schedule)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_nan_advice_names_a_tenth_of_the_configured_lr_not_the_scheduled_one(tmp_path):
+    """At step 5 the schedule has the lr at 0.1 / 32; method.lr is still 0.1: advise 0.01."""
+    folder = tmp_path / "checkpoints"
+    callbacks = [step_checkpoints_in(folder), NonFiniteLossStop(dirpath=str(folder))]
+    trainer = tiny_trainer(tmp_path, callbacks, max_steps=10)
+    with pytest.raises(UserError, match=r"ckpt_path=last method\.lr=0\.01 "):
+        trainer.fit(DecayingTinyModule(nan_at=5))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 32)
+
+
 def test_checkpoints_of_the_failing_step_are_set_aside(tmp_path):
     """NaN right after a checkpoint: that checkpoint holds the weights that fail, so
     ckpt_path=last must not find it; the older checkpoint is the one to resume from."""
@@ -340,6 +362,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "data.batch_size=1",  # BATCHES_PER_EPOCH's batch (toy_sd's scale trains 4)
+        "method.module.lr_scheduler.name=constant",  # the lr checked below (the scale: cosine)
     ]
     last = run_dir / "checkpoints" / "last.ckpt"
     killed_at = kill_once_checkpointed(train_command(args, run_dir), last, min_step=4)

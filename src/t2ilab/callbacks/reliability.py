@@ -56,7 +56,10 @@ class NonFiniteLossStop(L.Callback):
         step = trainer.global_step
         if trainer.is_global_zero:
             self._set_aside_checkpoints_of(step)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        # method.lr, not the scheduled rate of this step: LR schedulers keep the configured
+        # rate as initial_lr (a cosine at step 1 of 6 would otherwise advise 9.33e18 for 1e20).
+        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))
         lower = f" method.lr={lr / 10:.3g}" if lr else ""
         good = self._newest_checkpoint_before(step)
         if good is not None:
