@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
@@ -205,9 +207,6 @@ def test_keep_last_bounds_step_checkpoints(tmp_path, kwargs, expected):
 def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(tmp_path):
     """Lightning forgets last.ckpt when the run folder moved; the continuation must still
     replace it (not write last-v1.ckpt), or the next ckpt_path=last resumes the old step."""
-    import shutil
-    import warnings
-
     first = tmp_path / "first"
     tiny_trainer(first, [step_checkpoints_in(first / "checkpoints")], max_steps=4).fit(TinyModule())
     moved = tmp_path / "moved"
