@@ -154,7 +154,7 @@ def test_the_training_draws_are_keyed_by_step_and_row():
 
     assert torch.equal(at(5), at(5)) and not torch.equal(at(5), at(6))
     # The SD3 default: logit-normal(0, 1) shifted by the model's 3.0, within (0, 1000].
-    assert objective.density == "logit_normal" and objective.config["shift"] == 3.0
+    assert objective.density.name == "logit_normal" and objective.config["shift"] == 3.0
 
 
 def test_the_export_samples_with_the_trained_shift():

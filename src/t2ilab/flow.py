@@ -16,6 +16,7 @@ The denoiser takes t * num_train_timesteps, as diffusers' flow-matching pipeline
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,19 +45,40 @@ def t_from_normal(n: torch.Tensor, logit_mean: float = 0.0, logit_std: float = 1
     return torch.sigmoid(logit_mean + logit_std * n)
 
 
-def draw_t(
-    draws,
-    shape: tuple[int, ...],
-    density: str,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-) -> torch.Tensor:
-    """Noise levels in (0, 1) from `density`, drawn under the step's "timesteps" key. DDPM
-    training draws from the same densities when asked (t2ilab.objectives.DDPMObjective)."""
-    if density == "logit_normal":
-        return t_from_normal(draws.randn("timesteps", shape), logit_mean, logit_std)
-    return t_from_uniform(draws.rand("timesteps", shape), density, mode_scale)
+@dataclass(frozen=True)
+class TimestepDensity:
+    """The density of t in (0, 1) (SD3 paper sec. 3.1) with its parameters, as `noise.*` sets
+    them; both objectives draw from it (t2ilab.objectives)."""
+
+    name: str
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    @classmethod
+    def configured(cls, noise, default: str) -> TimestepDensity:
+        """From a NoiseConfig; `default` is the objective's own density when none is set."""
+        given = {
+            key: float(getattr(noise, key))
+            for key in ("logit_mean", "logit_std", "mode_scale")
+            if getattr(noise, key) is not None
+        }
+        return cls(noise.timestep_density or default, **given)
+
+    def draw(self, draws, shape: tuple[int, ...]) -> torch.Tensor:
+        """Noise levels in (0, 1), drawn under the step's "timesteps" key."""
+        if self.name == "logit_normal":
+            return t_from_normal(draws.randn("timesteps", shape), self.logit_mean, self.logit_std)
+        return t_from_uniform(draws.rand("timesteps", shape), self.name, self.mode_scale)
+
+    def factors(self) -> dict[str, object]:
+        """The density and the parameters it uses, as run factors."""
+        factors: dict[str, object] = {"noise.timestep_density": self.name}
+        if self.name == "logit_normal":
+            factors.update({"noise.logit_mean": self.logit_mean, "noise.logit_std": self.logit_std})
+        if self.name == "mode":
+            factors["noise.mode_scale"] = self.mode_scale
+        return factors
 
 
 def static_shift(t: torch.Tensor, shift: float) -> torch.Tensor:

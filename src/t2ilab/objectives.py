@@ -31,10 +31,7 @@ class DDPMObjective:
     def __init__(self, scheduler_config: dict[str, Any], noise: NoiseConfig):
         self.noise = noise
         self.scheduler = build_noise_scheduler(scheduler_config, noise)
-        self.density = noise.timestep_density or "uniform"
-        self.logit_mean = 0.0 if noise.logit_mean is None else float(noise.logit_mean)
-        self.logit_std = 1.0 if noise.logit_std is None else float(noise.logit_std)
-        self.mode_scale = 1.29 if noise.mode_scale is None else float(noise.mode_scale)
+        self.density = flow.TimestepDensity.configured(noise, default="uniform")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -43,13 +40,11 @@ class DDPMObjective:
     def timesteps(self, draws, latents: torch.Tensor) -> torch.Tensor:
         shape = tuple(latents.shape[:1])
         steps = self.num_train_timesteps
-        if self.density == "uniform":  # SD's recipe
+        if self.density.name == "uniform":  # SD's recipe
             return draws.randint("timesteps", shape, high=steps).long()
         # Another density (as flow matching draws t) moves the training towards a band of
         # noise levels, e.g. the high ones where a small model decides an object's outline.
-        t = flow.draw_t(
-            draws, shape, self.density, self.logit_mean, self.logit_std, self.mode_scale
-        )
+        t = self.density.draw(draws, shape)
         return (t * steps).long().clamp(0, steps - 1)
 
     def noised(self, latents, noise, timesteps) -> torch.Tensor:
@@ -74,20 +69,9 @@ class DDPMObjective:
             "noise.prediction_type": config.prediction_type,
             "noise.num_train_timesteps": config.num_train_timesteps,
             "noise.zero_terminal_snr": bool(config.rescale_betas_zero_snr),
-            **self._density_factors(),
+            # named only when it is not SD's uniform one, so uniform runs' factor tables stay
+            **({} if self.density.name == "uniform" else self.density.factors()),
         }
-
-    def _density_factors(self) -> dict[str, Any]:
-        """The timestep density, named only when it is not SD's uniform one (so the factor
-        tables of uniform runs stay as they were)."""
-        if self.density == "uniform":
-            return {}
-        factors = {"noise.timestep_density": self.density}
-        if self.density == "logit_normal":
-            factors.update({"noise.logit_mean": self.logit_mean, "noise.logit_std": self.logit_std})
-        if self.density == "mode":
-            factors["noise.mode_scale"] = self.mode_scale
-        return factors
 
 
 class FlowObjective:
@@ -111,10 +95,8 @@ class FlowObjective:
         config.setdefault("use_dynamic_shifting", False)
         self.config = config
         self.patch_size = int(patch_size)
-        self.density = noise.timestep_density or "logit_normal"  # SD3's best (rf/lognorm(0, 1))
-        self.logit_mean = 0.0 if noise.logit_mean is None else float(noise.logit_mean)
-        self.logit_std = 1.0 if noise.logit_std is None else float(noise.logit_std)
-        self.mode_scale = 1.29 if noise.mode_scale is None else float(noise.mode_scale)
+        # SD3's best (rf/lognorm(0, 1)) unless configured
+        self.density = flow.TimestepDensity.configured(noise, default="logit_normal")
         self.weighting = noise.loss_weighting or "none"
 
     @property
@@ -128,9 +110,7 @@ class FlowObjective:
     def t(self, draws, latents: torch.Tensor) -> torch.Tensor:
         """The noise level of each row, in (0, 1]."""
         shape = tuple(latents.shape[:1])
-        t = flow.draw_t(
-            draws, shape, self.density, self.logit_mean, self.logit_std, self.mode_scale
-        )
+        t = self.density.draw(draws, shape)
         if self.config["use_dynamic_shifting"]:
             t = flow.dynamic_shift(t, flow.dynamic_mu(self.image_seq_len(latents), self.config))
         else:
@@ -159,7 +139,7 @@ class FlowObjective:
     def factors(self) -> dict[str, Any]:
         return {
             "noise.objective": self.name,
-            "noise.timestep_density": self.density,
+            "noise.timestep_density": self.density.name,
             "noise.shift": "dynamic"
             if self.config["use_dynamic_shifting"]
             else self.config["shift"],
