@@ -119,37 +119,28 @@ class ToyPretrainModule(L.LightningModule):
         raise NotImplementedError
 
 
-class VaePretrain(ToyPretrainModule):
-    """AutoencoderKL: L1 + MSE + an L1 on image gradients (crisp edges, no perceptual net) +
-    a small KL (its sum over latent elements per pixel, as in LDM's autoencoder loss).
+class VaeTraining(ToyPretrainModule):
+    """What the toy VAE's trainings share: L1 + MSE + an L1 on image gradients (crisp edges, no
+    perceptual net) + a KL weight (its sum over latent elements per pixel, as in LDM's
+    autoencoder loss), on renders with extras mixed in, and the evaluation. The subclass
+    builds or loads `self.vae`."""
 
-    The posterior's log-variance starts at `logvar_init` instead of 0: with the KL this small
-    the latents' noise must shrink anyway, and Adam moves a bias only ~lr per step, so from 0
-    the decoder would spend hundreds of steps learning through unit-variance noise."""
+    vae: torch.nn.Module
 
     def __init__(
         self,
-        vae: dict,
-        kl_weight: float = 1e-5,
-        l1_weight: float = 1.0,
-        mse_weight: float = 1.0,
-        edge_weight: float = 0.5,
-        extras_prob: float = 0.25,
-        scale_images: int = 512,
-        logvar_init: float = -6.0,
+        kl_weight: float,
+        l1_weight: float,
+        mse_weight: float,
+        edge_weight: float,
+        extras_prob: float,
+        scale_images: int,
         **optim,
     ):
         super().__init__(**optim)
-        self.save_hyperparameters()
-        self.vae = build_vae(**vae, resolution=self.resolution)
-        with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels
-            self.vae.quant_conv.bias[self.vae.config.latent_channels :] = logvar_init
         self.kl_weight, self.l1_weight, self.mse_weight = kl_weight, l1_weight, mse_weight
-        self.edge_weight, self.extras_prob, self.scale_images = (
-            edge_weight,
-            extras_prob,
-            scale_images,
-        )
+        self.edge_weight, self.extras_prob = edge_weight, extras_prob
+        self.scale_images = scale_images  # renders that measure the latent std at export
 
     @property
     def model(self):
@@ -185,14 +176,6 @@ class VaePretrain(ToyPretrainModule):
         ]
         return float(torch.cat(latents).std())
 
-    def export(self, folder: Path) -> None:
-        """The diffusers folder, with `scaling_factor` = 1 / latent std (as SD's 0.18215), so
-        diffusion models see unit-variance latents."""
-        self.vae.eval()
-        scaling = 1.0 / self.latent_std(seed=quality.EVAL_SEED + 1)
-        self.vae.register_to_config(scaling_factor=round(scaling, 5))
-        self.vae.save_pretrained(folder, safe_serialization=True)
-
     @staticmethod
     def evaluate(folder: Path, seed: int) -> tuple[dict[str, float], Image.Image]:
         from diffusers import AutoencoderKL
@@ -201,7 +184,43 @@ class VaePretrain(ToyPretrainModule):
         return quality.vae_quality(vae, seed), quality.vae_grid(vae, seed)
 
 
-class VaeDecoderFinetune(VaePretrain):
+class VaePretrain(VaeTraining):
+    """An AutoencoderKL from scratch, with a small KL.
+
+    The posterior's log-variance starts at `logvar_init` instead of 0: with the KL this small
+    the latents' noise must shrink anyway, and Adam moves a bias only ~lr per step, so from 0
+    the decoder would spend hundreds of steps learning through unit-variance noise."""
+
+    def __init__(
+        self,
+        vae: dict,
+        kl_weight: float = 1e-5,
+        l1_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        edge_weight: float = 0.5,
+        extras_prob: float = 0.25,
+        scale_images: int = 512,
+        logvar_init: float = -6.0,
+        **optim,
+    ):
+        super().__init__(
+            kl_weight, l1_weight, mse_weight, edge_weight, extras_prob, scale_images, **optim
+        )
+        self.save_hyperparameters()
+        self.vae = build_vae(**vae, resolution=self.resolution)
+        with torch.no_grad():  # quant_conv's output is (mean, logvar) along channels
+            self.vae.quant_conv.bias[self.vae.config.latent_channels :] = logvar_init
+
+    def export(self, folder: Path) -> None:
+        """The diffusers folder, with `scaling_factor` = 1 / latent std (as SD's 0.18215), so
+        diffusion models see unit-variance latents."""
+        self.vae.eval()
+        scaling = 1.0 / self.latent_std(seed=quality.EVAL_SEED + 1)
+        self.vae.register_to_config(scaling_factor=round(scaling, 5))
+        self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+class VaeDecoderFinetune(VaeTraining):
     """More training for a shipped VAE's decoder alone (`init_from`). The encoder, and with it
     the latent space every toy denoiser was trained in and the scaling factor, stay exactly as
     they are: the denoisers draw sharper images without retraining. The base folder's
@@ -218,15 +237,14 @@ class VaeDecoderFinetune(VaePretrain):
     ):
         from diffusers import AutoencoderKL
 
-        ToyPretrainModule.__init__(self, **optim)
+        # No KL: the encoder, and so the posterior, does not train.
+        super().__init__(0.0, l1_weight, mse_weight, edge_weight, extras_prob, 512, **optim)
         self.save_hyperparameters()
         base = Path(init_from).expanduser()
         self.vae = AutoencoderKL.from_pretrained(base).train()  # loaded in eval mode
         self.vae.requires_grad_(False)
         self.vae.decoder.requires_grad_(True)
         self.vae.post_quant_conv.requires_grad_(True)
-        self.kl_weight, self.l1_weight, self.mse_weight = 0.0, l1_weight, mse_weight
-        self.edge_weight, self.extras_prob, self.scale_images = edge_weight, extras_prob, 512
         # Read now: the output folder may be the base folder, replaced at export. The records
         # go newest first, one list however many fine-tunes the base already had.
         self.base_training = []
