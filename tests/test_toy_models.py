@@ -206,6 +206,24 @@ def test_rare_identifiers_are_single_unseen_tokens():
     assert not ids & set(RARE_IDS.values())
 
 
+def test_plain_is_a_world_word_no_caption_says():
+    """A plain object's caption leaves its pattern out, so "plain" is one token of the vocabulary
+    that no training caption contains: as untrained as "sks". The identifier study's common-word
+    arms are words the captions do use ("red", "large"), whose prior the subject must overcome."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(CLIP_DIR)
+    assert _tokens(tokenizer, "plain") == ["plain</w>"]
+    counts: dict[str, int] = {}
+    for i in range(5000):
+        scene = scene_at(0, i)
+        for caption in (dense_caption(scene), class_caption(scene)):
+            for word in caption.replace(",", " ").split():
+                counts[word] = counts.get(word, 0) + 1
+    assert "plain" not in counts
+    assert counts["red"] > 100 and counts["large"] > 1000
+
+
 # --- toy_dino --------------------------------------------------------------------------------
 
 
