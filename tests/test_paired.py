@@ -116,3 +116,30 @@ def test_one_level_only_is_refused(tmp_path):
     df = load_results(_sweep(tmp_path, {"sks": DINO["sks"]}))
     with pytest.raises(UserError, match="only one level"):
         paired_differences(df, "data.identifier", "sks")
+
+
+def test_factors_that_come_with_a_level_are_part_of_it(tmp_path, capsys):
+    """Each Improved-DreamBooth arm sets its own beta schedule: the runs still pair by seed."""
+    _sweep(tmp_path / "baseline", {"sks": DINO["sks"]}, {"noise.beta_schedule": "scaled_linear"})
+    _sweep(tmp_path / "other", {"plain": DINO["plain"]}, {"noise.beta_schedule": "sigmoid"})
+    table = paired_differences(load_results(tmp_path), "data.identifier", "sks", ["dino"])
+    row = table.iloc[0]
+    mean, se, _, _ = _by_hand(DINO["plain"], DINO["sks"])
+    assert row["pairs"] == 4
+    assert row["difference"] == pytest.approx(mean) and row["se"] == pytest.approx(se)
+    assert table.attrs["with_level"] == ["noise.beta_schedule"]
+    assert main([str(tmp_path), "--factor", "data.identifier", "--baseline", "sks"]) == 0
+    assert "noise.beta_schedule changes with data.identifier" in capsys.readouterr().out
+
+
+def test_a_factor_that_varies_within_a_level_still_separates_runs(tmp_path):
+    """Two learning rates per identifier: each run pairs with the baseline at its own lr."""
+    _sweep(tmp_path / "a", DINO, {"method.lr": 1e-4})
+    _sweep(
+        tmp_path / "b", {k: [v + 0.5 for v in vs] for k, vs in DINO.items()}, {"method.lr": 1e-3}
+    )
+    table = paired_differences(load_results(tmp_path), "data.identifier", "sks", ["dino"])
+    row = table.set_index("level").loc["plain"]
+    mean, _, _, _ = _by_hand(DINO["plain"] * 2, DINO["sks"] * 2)
+    assert row["pairs"] == 8 and row["difference"] == pytest.approx(mean)
+    assert table.attrs["with_level"] == []

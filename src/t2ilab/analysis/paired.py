@@ -10,6 +10,10 @@ the table gives, per metric, the mean over the pairs of (level - baseline), its 
 and a t confidence interval (scipy's `ttest_rel`). When the interval excludes 0 the effect is
 larger than what the seeds alone move; otherwise the sweep cannot tell it from seed noise. The
 table is printed and written to SWEEP/paired_<factor>.csv.
+
+Factors that come with a level are part of it, not a reason to leave runs unpaired: each of
+the four Improved-DreamBooth arms (`experiment=...`) sets its own noise.beta_schedule and
+noise.zero_terminal_snr, so those are compared along with the experiment.
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def _key(value) -> str:
     return "" if isinstance(value, float) and math.isnan(value) else str(value)
 
 
+def factors_of_the_level(ok: pd.DataFrame, column: str) -> list[str]:
+    """The other factors that each level of `column` fixes to one value, and that differ between
+    levels: an experiment's beta schedule, say. They belong to the level compared."""
+    found = []
+    for other in (c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column):
+        keys = ok[other].map(_key)
+        fixed = keys.groupby(ok[column].map(_key)).nunique().le(1).all()
+        if fixed and keys.nunique() > 1:
+            found.append(other)
+    return found
+
+
 def paired_differences(
     df: pd.DataFrame,
     factor: str,
@@ -82,7 +98,10 @@ def paired_differences(
     missing = [m for m in metrics if m not in available]
     if missing:
         raise UserError(f"--metrics {' '.join(missing)}: no run has it: use {', '.join(available)}")
-    others = [c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column]
+    with_level = factors_of_the_level(ok, column)
+    others = [
+        c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column and c not in with_level
+    ]
     ok["_pair"] = ok[others].apply(lambda row: tuple(_key(v) for v in row), axis=1)
     duplicated = ok.duplicated(["_pair", "_level"])
     if duplicated.any():
@@ -108,7 +127,9 @@ def paired_differences(
             rows.append(row)
     if not rows:
         raise UserError(f"only one level of {factor} among the ok runs: nothing to compare")
-    return pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["with_level"] = [c[len(FACTOR_PREFIX) :] for c in with_level]
+    return table
 
 
 def _compare(a, b, confidence: float, stats) -> dict:
@@ -138,9 +159,16 @@ def _compare(a, b, confidence: float, stats) -> dict:
 
 def to_markdown(table: pd.DataFrame, factor: str, baseline: str, confidence: float) -> str:
     pct = f"{confidence:.0%}"
+    with_level = table.attrs.get("with_level", [])
+    comes_with = (
+        f" ({', '.join(with_level)} {'changes' if len(with_level) == 1 else 'change'} with "
+        f"{factor}: part of its levels)"
+        if with_level
+        else ""
+    )
     head = (
-        f"Paired by every other factor (the seed among them): {factor} level - {baseline}, "
-        f"mean over pairs, standard error, {pct} t interval.\n\n"
+        f"Paired by every other factor, the seed among them{comes_with}: {factor} level - "
+        f"{baseline}, mean over pairs, standard error, {pct} t interval.\n\n"
         f"| {factor} | metric | pairs | {baseline} | level | difference | se | {pct} CI | "
         "beyond the seed spread |\n|---|---|---|---|---|---|---|---|---|"
     )
