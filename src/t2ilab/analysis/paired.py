@@ -56,11 +56,15 @@ def _key(value) -> str:
     return "" if isinstance(value, float) and math.isnan(value) else str(value)
 
 
+def other_factors(ok: pd.DataFrame, column: str) -> list[str]:
+    return [c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column]
+
+
 def factors_of_the_level(ok: pd.DataFrame, column: str) -> list[str]:
     """The other factors that each level of `column` fixes to one value, and that differ between
     levels: an experiment's beta schedule, say. They belong to the level compared."""
     found = []
-    for other in (c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column):
+    for other in other_factors(ok, column):
         keys = ok[other].map(_key)
         fixed = keys.groupby(ok[column].map(_key)).nunique().le(1).all()
         if fixed and keys.nunique() > 1:
@@ -99,9 +103,7 @@ def paired_differences(
     if missing:
         raise UserError(f"--metrics {' '.join(missing)}: no run has it: use {', '.join(available)}")
     with_level = factors_of_the_level(ok, column)
-    others = [
-        c for c in ok.columns if c.startswith(FACTOR_PREFIX) and c != column and c not in with_level
-    ]
+    others = [c for c in other_factors(ok, column) if c not in with_level]
     ok["_pair"] = ok[others].apply(lambda row: tuple(_key(v) for v in row), axis=1)
     duplicated = ok.duplicated(["_pair", "_level"])
     if duplicated.any():
