@@ -221,7 +221,7 @@ def run_toy_alignment(cfg, pipe, scheduler_config, loggers) -> dict[str, float]:
 
     alignment = OmegaConf.to_container(cfg.eval.toy_alignment, resolve=True)
     use_sampler(pipe, alignment["scheduler"], scheduler_config)
-    metrics, images, asked = score_pipeline(
+    metrics, images, labels = score_pipeline(
         pipe,
         n=int(alignment["n"]),
         seed=int(alignment["seed"]),
@@ -229,7 +229,7 @@ def run_toy_alignment(cfg, pipe, scheduler_config, loggers) -> dict[str, float]:
         guidance=float(alignment["guidance_scale"]),
     )
     path = Path(cfg.paths.output_dir) / "samples" / "alignment.png"
-    save_grid(images, asked, path, int(alignment["grid_images"]))
+    save_grid(images, labels, path, int(alignment["grid_images"]))
     for lg in loggers:
         lg.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
     return metrics

@@ -26,7 +26,7 @@ from PIL import Image
 
 from t2ilab.models.pipelines import make_sampler
 from t2ilab.toy import quality
-from t2ilab.toy.world import SHAPES, Scene, dense_caption
+from t2ilab.toy.world import SHAPES, Scene
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
 
@@ -62,7 +62,9 @@ def class_shape_accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict
 def score_pipeline(
     pipe, n: int = 64, seed: int = quality.EVAL_SEED, steps: int = 25, guidance: float = 4.0
 ) -> tuple[dict[str, float], list[Image.Image], list[str]]:
-    """(metrics, images, what each image was asked for) for a toy pipeline."""
+    """(metrics, images, a short label of what each image was asked for) for a toy pipeline:
+    the shape label for a class-conditional DiT, "<colour> <shape> / on <background>" (the
+    attributes the dense caption names and the score reads) for a text-to-image pipeline."""
     scenes = quality.sd_color_scenes(seed, n)
     if is_class_conditional(pipe):
         images = class_conditional_images(pipe, scenes, seed, steps, guidance)
@@ -73,12 +75,13 @@ def score_pipeline(
     if min(v for k, v in scores.items() if k.startswith("render_")) < 1.0:
         log.warning("toy alignment: the pixel readers miss on renders: %s", scores)
     metrics = {k: v for k, v in scores.items() if not k.startswith("render_")}
-    return metrics, images, [dense_caption(s) for s in scenes]
+    return metrics, images, [f"{s.color} {s.shape}\non {s.background}" for s in scenes]
 
 
-def save_grid(images: list[Image.Image], asked: list[str], path: Path, shown: int = 16) -> Path:
+def save_grid(images: list[Image.Image], labels: list[str], path: Path, shown: int = 16) -> Path:
+    """The first `shown` images in rows of at most 8, each under the short label of what it was asked for."""
     shown = min(shown, len(images))
-    grid = make_grid(images[:shown], rows=max(1, shown // 8), captions=asked[:shown])
+    grid = make_grid(images[:shown], rows=max(1, -(-shown // 8)), labels=labels[:shown])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_atomic(grid, path)
     return path
@@ -96,7 +99,7 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
             alignment_cfg["scheduler"],
             module.objective.inference_config(),
         )
-        metrics, images, asked = score_pipeline(
+        metrics, images, labels = score_pipeline(
             module.pipeline(sampler).to(device),
             n=int(alignment_cfg["n"]),
             seed=int(alignment_cfg["seed"]),
@@ -106,7 +109,7 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
     finally:
         module.train(was_training)
     path = save_grid(
-        images, asked, Path(output_dir) / "samples" / "alignment.png", alignment_cfg["grid_images"]
+        images, labels, Path(output_dir) / "samples" / "alignment.png", alignment_cfg["grid_images"]
     )
     log.info("toy alignment %s (images: %s)", metrics, path)
     return metrics
@@ -150,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe = DiffusionPipeline.from_pretrained(args.export)
     pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
     pipe.set_progress_bar_config(disable=True)
-    metrics, images, asked = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
+    metrics, images, labels = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
     if args.grid:
-        save_grid(images, asked, args.grid)
+        save_grid(images, labels, args.grid)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
