@@ -209,25 +209,30 @@ def check_devices(cfg: DictConfig) -> None:
         )
 
 
+def fill_prompt(template: str, prompt_vars: dict) -> str:
+    """A sample-grid prompt template filled with the run's variables ({identifier}, ...): the
+    one rule the samples callback applies and `check_sample_prompts` tries before training."""
+    try:
+        return str(template).format(**prompt_vars)
+    except KeyError as err:
+        known = ", ".join("{" + k + "}" for k in sorted(prompt_vars)) or "none"
+        raise UserError(
+            f"callbacks.samples.prompts: {template!r} uses {{{err.args[0]}}}, which this "
+            f"run's data does not define (its variables: {known}); write the prompt out, "
+            "or set callbacks.samples.prompts=null for the data's own prompts"
+        ) from None
+    except (IndexError, ValueError) as err:  # {} or unbalanced braces
+        raise UserError(
+            f"callbacks.samples.prompts: {template!r} is not a template "
+            f"({type(err).__name__}: {err}); use {{{{ }}}} for literal braces"
+        ) from None
+
+
 def check_sample_prompts(cfg: DictConfig, prompt_vars: dict) -> None:
     """The sample grid's prompts use only variables this run's data defines: a template naming
     another ({identifier} on a run without a subject) would stop training at the first grid.
     A class-conditional model's grid draws classes and reads no prompts."""
     if not family_of(cfg.model).text:
         return
-    prompts = OmegaConf.select(cfg, "callbacks.samples.prompts")
-    for template in prompts or []:
-        try:  # what the callback does at its first grid
-            str(template).format(**prompt_vars)
-        except KeyError as err:
-            known = ", ".join("{" + k + "}" for k in sorted(prompt_vars)) or "none"
-            raise UserError(
-                f"callbacks.samples.prompts: {template!r} uses {{{err.args[0]}}}, which this "
-                f"run's data does not define (its variables: {known}); write the prompt out, "
-                "or set callbacks.samples.prompts=null for the data's own prompts"
-            ) from None
-        except (IndexError, ValueError) as err:  # {} or unbalanced braces
-            raise UserError(
-                f"callbacks.samples.prompts: {template!r} is not a template "
-                f"({type(err).__name__}: {err}); use {{{{ }}}} for literal braces"
-            ) from None
+    for template in OmegaConf.select(cfg, "callbacks.samples.prompts") or []:
+        fill_prompt(template, prompt_vars)

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from t2ilab.models.pipelines import make_sampler, pipeline_call_kwargs
 from t2ilab.utils.atomic import save_image_atomic
 from t2ilab.utils.images import make_grid
+from t2ilab.validation import fill_prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class SampleGridCallback(L.Callback):
         if templates is None:  # the data's own, e.g. the first training captions
             source = getattr(trainer, "datamodule", None)
             templates = source.validation_prompts() if source is not None else []
-        return [p.format(**pl_module.prompt_vars) for p in templates]
+        return [fill_prompt(p, pl_module.prompt_vars) for p in templates]
 
     @rank_zero_only
     def sample(self, trainer, pl_module) -> Path | None:
