@@ -79,7 +79,8 @@ def score_pipeline(
 
 
 def save_grid(images: list[Image.Image], labels: list[str], path: Path, shown: int = 16) -> Path:
-    """The first `shown` images in rows of at most 8, each under the short label of what it was asked for."""
+    """The first `shown` images in rows of at most 8, each under the short label of what it
+    was asked for."""
     shown = min(shown, len(images))
     grid = make_grid(images[:shown], rows=max(1, -(-shown // 8)), labels=labels[:shown])
     path.parent.mkdir(parents=True, exist_ok=True)
