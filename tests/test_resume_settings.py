@@ -110,3 +110,46 @@ def test_after_a_nan_the_advised_resume_trains_on(tmp_path):
     assert results["status"] == "ok" and results["steps"] == 6
     unet = load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(v).all() for v in unet.values())
+
+
+def test_a_schedule_changed_on_resume_sets_the_first_resumed_step_rate():
+    """Resumed from a constant schedule at step 30 into a linear decay to step 40 (and a new
+    lr): the first resumed step already trains at the new schedule's rate, 2e-3 * (40 - 30) /
+    40, not at the restored constant rate, and every later step follows the new schedule."""
+    from types import SimpleNamespace
+
+    from diffusers.optimization import get_scheduler
+
+    from t2ilab.resume import ApplyResumedSettings
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    old_opt = torch.optim.AdamW([weight], lr=1e-3)
+    old = get_scheduler("constant", optimizer=old_opt, num_training_steps=30)
+    for _ in range(30):
+        old_opt.step()
+        old.step()
+    saved_opt, saved_sched = old_opt.state_dict(), old.state_dict()
+
+    optimizer = torch.optim.AdamW([weight], lr=2e-3)
+    schedule = get_scheduler(
+        "linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=40
+    )
+    optimizer.load_state_dict(saved_opt)  # what Lightning restores from the checkpoint
+    schedule.load_state_dict(saved_sched)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the stale rate
+
+    from functools import partial
+
+    module = SimpleNamespace(optimizer_factory=partial(torch.optim.AdamW, lr=2e-3))
+    trainer = SimpleNamespace(
+        optimizers=[optimizer],
+        lr_scheduler_configs=[SimpleNamespace(scheduler=schedule)],
+        global_step=30,
+    )
+    ApplyResumedSettings({"method.lr": [1e-3, 2e-3]}).on_train_start(trainer, module)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([2e-3 * (40 - s) / 40 for s in range(30, 40)])

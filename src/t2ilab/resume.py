@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from t2ilab.checkpoints import moved_with_project
@@ -104,12 +105,30 @@ class ApplyResumedSettings(L.Callback):
             if new_lr != old_lr and old_lr > 0:
                 self._scale_learning_rate(trainer, group_index, group, new_lr / old_lr)
                 group["initial_lr"] = new_lr
+        self._rate_from_schedule(trainer, optimizer)
         if self.changes:
             log.info(
                 "resume at step %d with changed settings: %s",
                 trainer.global_step,
                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items()),
             )
+
+    @staticmethod
+    def _rate_from_schedule(trainer, optimizer) -> None:
+        """The first resumed step's rate from the schedule as configured now: the optimizer's
+        restored rate came from the checkpoint's schedule, which a resume may have changed
+        (e.g. constant -> linear decay). Without this the first step trains at the old rate."""
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            rates = [
+                base * rule(scheduler.last_epoch)
+                for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+            ]
+            for group, rate in zip(optimizer.param_groups, rates, strict=False):
+                group["lr"] = rate
+            scheduler._last_lr = rates
 
     @staticmethod
     def _scale_learning_rate(trainer, group_index: int, group: dict, ratio: float) -> None:
