@@ -110,3 +110,26 @@ def test_bad_ema_settings_fail_before_training(overrides, match, tmp_path):
     proc = run_train([*ARGS, *overrides], tmp_path / "run")
     assert proc.returncode == 2
     assert match in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_ema_turned_on_at_a_resume_starts_from_the_restored_weights():
+    """ema.enabled=true on a resume from a checkpoint without EMA: `setup` runs before Lightning
+    restores the weights, so the EMA that samples see before the first step, and that training
+    updates, must be the restored weights, not the ones before the restore."""
+    from types import SimpleNamespace
+
+    from t2ilab.callbacks.ema import EMACallback
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    module = SimpleNamespace(trainable_parameters=lambda: [weight], device=torch.device("cpu"))
+    callback = EMACallback(decay=0.9)
+    callback.setup(None, module, "fit")
+    restored = torch.tensor([1.0, 2.0, 3.0])
+    with torch.no_grad():
+        weight.copy_(restored)  # the checkpoint's weights
+    callback.on_train_start(SimpleNamespace(global_step=100), module)
+    with torch.no_grad():
+        weight.add_(1.0)  # the raw weights move on; the EMA has not been updated yet
+    with callback.swapped_in(module):
+        torch.testing.assert_close(weight.detach(), restored)
+    torch.testing.assert_close(weight.detach(), restored + 1.0)  # raw weights back

@@ -51,6 +51,12 @@ class EMACallback(L.Callback):
         if self._pending_state is not None:  # resumed: the checkpoint's EMA replaces the copy
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
+        else:
+            # A fresh EMA starts from the weights training starts from: on a resume from a
+            # checkpoint without EMA, the restored ones, not those `setup` copied before the
+            # restore. (diffusers' first updates take the weights whole, so only what samples
+            # the EMA before the first step would see the difference.)
+            self.ema = EMAModel(pl_module.trainable_parameters(), **self.kwargs)
         self.ema.to(device=pl_module.device)
         self._last_step = trainer.global_step
 
