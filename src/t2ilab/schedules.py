@@ -3,8 +3,8 @@ Hydra `_partial_` target (method.module.lr_scheduler).
 
 warmup_stable_decay holds the rate constant after warm-up and decays it linearly to zero over
 the last `num_decay_steps`: the long constant stretch is what a continued run resumes, and the
-short decay at the end sharpens the weights (the toy stage-1 DiT: shape 0.69 -> 0.77 at the same
-step count, experiments/toy_world/README.md).
+short decay at the end sharpens the weights (the toy stage-1 DiT: shape 0.69 -> 0.77 at
+guidance 4 over a final 3000-step decay, experiments/toy_world/README.md).
 """
 
 from __future__ import annotations
