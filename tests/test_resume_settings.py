@@ -116,6 +116,7 @@ def test_a_schedule_changed_on_resume_sets_the_first_resumed_step_rate():
     """Resumed from a constant schedule at step 30 into a linear decay to step 40 (and a new
     lr): the first resumed step already trains at the new schedule's rate, 2e-3 * (40 - 30) /
     40, not at the restored constant rate, and every later step follows the new schedule."""
+    from functools import partial
     from types import SimpleNamespace
 
     from diffusers.optimization import get_scheduler
@@ -137,8 +138,6 @@ def test_a_schedule_changed_on_resume_sets_the_first_resumed_step_rate():
     optimizer.load_state_dict(saved_opt)  # what Lightning restores from the checkpoint
     schedule.load_state_dict(saved_sched)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the stale rate
-
-    from functools import partial
 
     module = SimpleNamespace(optimizer_factory=partial(torch.optim.AdamW, lr=2e-3))
     trainer = SimpleNamespace(

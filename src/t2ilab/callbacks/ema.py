@@ -51,11 +51,11 @@ class EMACallback(L.Callback):
         if self._pending_state is not None:  # resumed: the checkpoint's EMA replaces the copy
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
-        else:
-            # A fresh EMA starts from the weights training starts from: on a resume from a
-            # checkpoint without EMA, the restored ones, not those `setup` copied before the
-            # restore. (diffusers' first updates take the weights whole, so only what samples
-            # the EMA before the first step would see the difference.)
+        elif trainer.global_step > 0:
+            # Resumed from a checkpoint without EMA: start from the restored weights, not those
+            # `setup` copied before the restore (a fresh run's are the same: no second copy).
+            # diffusers' first updates take the weights whole, so only what samples the EMA
+            # before the first step would see the difference.
             self.ema = EMAModel(pl_module.trainable_parameters(), **self.kwargs)
         self.ema.to(device=pl_module.device)
         self._last_step = trainer.global_step
