@@ -460,7 +460,13 @@ def test_toy_pixart_is_a_staged_pipeline_over_the_shipped_parts(toy_pixart, toy_
     summary = json.loads((PIXART_DIR / "training.json").read_text())
     experiments = [stage["command"].split()[2] for stage in summary["stages"]]
     assert experiments == [f"experiment=toy_pixart_stage{i}" for i in (1, 2, 3)]
-    assert summary["train_wall_time_s"] <= 60 * 60  # the recipe's budget on 2 CPU cores
+    # Each stage ran at least its recipe's steps (stage 1: one more, the step that exported it),
+    # and the stage-1 DiT drew the labelled shape >= 0.8 of the time (its run's end-of-run
+    # eval on 256 labels; issue 16's figure).
+    for i, stage in enumerate(summary["stages"], start=1):
+        recipe = ROOT / "conf" / "experiment" / f"toy_pixart_stage{i}.yaml"
+        assert stage["steps"] >= yaml.safe_load(recipe.read_text())["trainer"]["max_steps"]
+    assert summary["stages"][0]["metrics"]["shape_acc"] >= 0.8
     # the text encoder is toy_sd's (toy_clip's text tower), in T5's place
     own, sd = toy_pixart.text_encoder.state_dict(), toy_sd.text_encoder.state_dict()
     assert own.keys() == sd.keys() and all(torch.equal(own[k], sd[k]) for k in own)
@@ -473,14 +479,16 @@ def test_toy_pixart_is_a_staged_pipeline_over_the_shipped_parts(toy_pixart, toy_
 
 @pytest.mark.slow  # 45 s on one CPU thread (32 images at 128 px); CI runs it (README)
 def test_toy_pixart_follows_the_colours_of_a_prompt(toy_pixart):
-    """As for toy_sd: colours read from the pixels; quality.read_shape is exact on renders."""
+    """As for toy_sd: colours and shape read from the pixels; quality.read_shape is exact on
+    renders."""
     metrics = quality.sd_quality(toy_pixart, SEED, n=32)
     assert min(v for k, v in metrics.items() if k.startswith("render_")) == 1.0
-    # chance 1/11 each; measured on this seed: background 0.50, object 0.19 (on the recipe's
-    # seed 1000: 0.41 and 0.31). Shapes are at chance (0.09 here): see
-    # experiments/toy_world/README.md.
-    assert metrics["background_acc"] >= 0.3, metrics
-    assert metrics["object_color_acc"] >= 0.15, metrics
+    # chance 1/11, 1/11, 1/8; measured on this seed: background 1.0, object 1.0, shape 0.59
+    # (on seed 1000, 128 prompts: see experiments/toy_world/README.md). Issue 16's figure for
+    # toy_pixart is shape >= 0.5.
+    assert metrics["background_acc"] >= 0.9, metrics
+    assert metrics["object_color_acc"] >= 0.9, metrics
+    assert metrics["shape_acc"] >= 0.5, metrics
 
 
 # --- toy_flux --------------------------------------------------------------------------------
