@@ -478,7 +478,7 @@ def test_toy_pixart_is_a_staged_pipeline_over_the_shipped_parts(toy_pixart, toy_
 
 
 @pytest.mark.slow  # 45 s on one CPU thread (32 images at 128 px); CI runs it (README)
-def test_toy_pixart_follows_the_colours_of_a_prompt(toy_pixart):
+def test_toy_pixart_follows_the_colours_and_shapes_of_a_prompt(toy_pixart):
     """As for toy_sd: colours and shape read from the pixels; quality.read_shape is exact on
     renders."""
     metrics = quality.sd_quality(toy_pixart, SEED, n=32)
