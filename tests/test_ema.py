@@ -4,6 +4,8 @@ ends with the same EMA as an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from _support import CONF, FAST, run_train
@@ -96,6 +98,49 @@ def test_a_resumed_run_continues_the_checkpointed_ema(tmp_path):
     exported = _exported_unet(run)
     for k in ema:
         torch.testing.assert_close(exported[k], ema[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_finished_run_without_export_is_exported_from_its_checkpoint(tmp_path):
+    """A run trained with export.enabled=false is exported later by the same command with
+    ckpt_path=last: no step is trained, the export holds the checkpoint's EMA (not its raw
+    weights) and the run's scores stay in results.json."""
+    run = tmp_path / "run"
+    first = run_train([*ARGS, "export.enabled=false"], run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (run / "export").exists()
+    before = json.loads((run / "results.json").read_text())
+    assert before["steps"] == 3 and "train_loss" in before["metrics"]
+
+    told = run_train([f"run_dir={run}"], tmp_path / "eval", script="evaluate.py")
+    assert told.returncode == 2
+    assert f"hydra.run.dir={run} ckpt_path=last export.enabled=true" in told.stderr.splitlines()[-1]
+
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    exported = run_train([*ARGS, "ckpt_path=last"], run)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    after = json.loads((run / "results.json").read_text())
+    assert after["status"] == "ok" and after["steps"] == 3
+    assert after["metrics"] == before["metrics"]
+    assert _unet_from_ckpt(run / "checkpoints" / "last.ckpt").keys() == _exported_unet(run).keys()
+    names = [
+        k.removeprefix("unet.") for k, v in state["state_dict"].items() if k.startswith("unet.")
+    ]
+    (ema_state,) = [v for k, v in state["callbacks"].items() if k.startswith("EMACallback")]
+    ema = dict(zip(names, ema_state["shadow_params"], strict=True))
+    unet = _exported_unet(run)
+    for k in ema:
+        torch.testing.assert_close(unet[k], ema[k])
+    raw = _unet_from_ckpt(run / "checkpoints" / "last.ckpt")
+    assert max((raw[k] - unet[k]).abs().max().item() for k in unet) > 1e-5
+    # Loads in stock diffusers.
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(run / "export", safety_checker=None)
+    # Exported once: the same command again has nothing to do.
+    again = run_train([*ARGS, "ckpt_path=last"], run)
+    assert again.returncode == 2
+    assert "nothing to train: ckpt_path=last is at step 3" in again.stderr.splitlines()[-1]
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,9 @@ def _check_export_folder(export: Path, key: str, value: str) -> None:
         if key == "run_dir":
             raise UserError(
                 f"run_dir={value} has no export/ (the run failed, is still going, or had "
-                "export.enabled=false): resume it with ckpt_path=last, or pass export_dir=..."
+                "export.enabled=false): run its train.py command again with "
+                f"hydra.run.dir={value} ckpt_path=last export.enabled=true (a finished run is "
+                "exported without training), or pass export_dir=..."
             )
         raise UserError(
             f"export_dir={value} is not a diffusers pipeline folder (no model_index.json): "

@@ -69,6 +69,16 @@ def finished_run(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def export_missing(run_dir: Path, cfg: DictConfig) -> bool:
+    """The run should have an export (export.enabled) and has none: it ran with
+    export.enabled=false, or stopped between its last step and the export."""
+    export = OmegaConf.select(cfg, "export", default=None)
+    if not export or not export.get("enabled"):
+        return False
+    folder = Path(export.get("dir") or run_dir / "export").expanduser()
+    return not (folder / "model_index.json").is_file()
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     last = folder / "checkpoints" / "last.ckpt"
     return last if last.is_file() else None
@@ -140,6 +150,8 @@ def check_continuation(run_dir: Path, ckpt_path: str | None, cfg: DictConfig, na
     step = checkpoint_step(path)
     max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1) or -1)
     if 0 <= max_steps <= step:
+        if export_missing(run_dir, cfg):
+            return  # an export-only continuation: train.py restores the weights and exports them
         raise RunFolderTaken(
             f"nothing to train: ckpt_path={ckpt_path} is at step {step} and trainer.max_steps="
             f"{max_steps}; raise trainer.max_steps to continue training, or evaluate the run "

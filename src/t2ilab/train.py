@@ -39,7 +39,12 @@ from t2ilab.models.loading import load_components, load_tokenizer
 from t2ilab.models.stages import init_from_previous_stage
 from t2ilab.preflight import preflight
 from t2ilab.resume import settings_changes, settings_of
-from t2ilab.run_folder import check_apart_from_data, check_continuation, user_data_dirs
+from t2ilab.run_folder import (
+    check_apart_from_data,
+    check_continuation,
+    finished_run,
+    user_data_dirs,
+)
 from t2ilab.runner import command_line, experiment_name, run_task
 from t2ilab.scale import scale_line
 from t2ilab.threads import apply_cpu_threads
@@ -192,12 +197,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(flat_config(cfg))
     log_parameter_counts(module, loggers)
 
+    export_only = bool(resume.ckpt_path) and 0 <= int(cfg.trainer.max_steps) <= resume.step
+    if export_only:
+        log.info("step %d is trainer.max_steps: nothing to train, the export only", resume.step)
     pin_job_for_lightning_ranks()
     with rank_scope():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path)
     release_training_state(trainer, module)
 
     metrics = {}
+    if export_only:  # no step and no end-of-training evaluation ran: the run's scores stand
+        metrics.update((finished_run(Path(cfg.paths.output_dir)) or {}).get("metrics") or {})
     if "train/loss" in trainer.callback_metrics:
         metrics["train_loss"] = float(trainer.callback_metrics["train/loss"])
     if evaluation is not None:

@@ -47,11 +47,17 @@ class EMACallback(L.Callback):
             self.ema = EMAModel(pl_module.trainable_parameters(), **self.kwargs)
             pl_module.ema_callback = self
 
+    def _load_pending(self, pl_module) -> bool:
+        """Resumed: the checkpoint's EMA replaces the copy `setup` made."""
+        if self._pending_state is None:
+            return False
+        self.ema.load_state_dict(self._pending_state)
+        self._pending_state = None
+        self.ema.to(device=pl_module.device)
+        return True
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._pending_state is not None:  # resumed: the checkpoint's EMA replaces the copy
-            self.ema.load_state_dict(self._pending_state)
-            self._pending_state = None
-        elif trainer.global_step > 0:
+        if not self._load_pending(pl_module) and trainer.global_step > 0:
             # Resumed from a checkpoint without EMA: start from the restored weights, not those
             # `setup` copied before the restore (a fresh run's are the same: no second copy).
             # diffusers' first updates take the weights whole, so only what samples the EMA
@@ -73,6 +79,8 @@ class EMACallback(L.Callback):
 
     @contextmanager
     def swapped_in(self, pl_module) -> Iterator[None]:
+        # A resume at trainer.max_steps (an export-only continuation) never starts training.
+        self._load_pending(pl_module)
         params = pl_module.trainable_parameters()
         self.ema.store(params)
         self.ema.copy_to(params)
