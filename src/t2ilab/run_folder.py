@@ -69,6 +69,16 @@ def finished_run(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def max_steps_of(cfg: DictConfig) -> int:
+    """trainer.max_steps, -1 when unset (Lightning's "no limit")."""
+    return int(OmegaConf.select(cfg, "trainer.max_steps", default=-1) or -1)
+
+
+def nothing_to_train(cfg: DictConfig, step: int) -> bool:
+    """A checkpoint at `step` has reached trainer.max_steps."""
+    return 0 <= max_steps_of(cfg) <= step
+
+
 def export_missing(run_dir: Path, cfg: DictConfig) -> bool:
     """The run should have an export (export.enabled) and has none: it ran with
     export.enabled=false, or stopped between its last step and the export."""
@@ -148,8 +158,8 @@ def check_continuation(run_dir: Path, ckpt_path: str | None, cfg: DictConfig, na
     if path is None or not path.is_file():
         return  # train.py names the missing checkpoint
     step = checkpoint_step(path)
-    max_steps = int(OmegaConf.select(cfg, "trainer.max_steps", default=-1) or -1)
-    if 0 <= max_steps <= step:
+    max_steps = max_steps_of(cfg)
+    if nothing_to_train(cfg, step):
         if export_missing(run_dir, cfg):
             return  # an export-only continuation: train.py restores the weights and exports them
         raise RunFolderTaken(

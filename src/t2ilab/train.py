@@ -43,6 +43,7 @@ from t2ilab.run_folder import (
     check_apart_from_data,
     check_continuation,
     finished_run,
+    nothing_to_train,
     user_data_dirs,
 )
 from t2ilab.runner import command_line, experiment_name, run_task
@@ -197,7 +198,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(flat_config(cfg))
     log_parameter_counts(module, loggers)
 
-    export_only = bool(resume.ckpt_path) and 0 <= int(cfg.trainer.max_steps) <= resume.step
+    export_only = bool(resume.ckpt_path) and nothing_to_train(cfg, resume.step)
     if export_only:
         log.info("step %d is trainer.max_steps: nothing to train, the export only", resume.step)
     pin_job_for_lightning_ranks()
