@@ -32,6 +32,13 @@ def _unet_from_ckpt(path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
 
 
+def _ema_of_checkpoint(state: dict) -> dict[str, torch.Tensor]:
+    """The EMA callback's shadow weights in a loaded checkpoint, by UNet parameter name."""
+    names = [k.removeprefix("unet.") for k in state["state_dict"] if k.startswith("unet.")]
+    (ema_state,) = [v for k, v in state["callbacks"].items() if k.startswith("EMACallback")]
+    return dict(zip(names, ema_state["shadow_params"], strict=True))
+
+
 def _exported_unet(run_dir) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -87,10 +94,7 @@ def test_a_resumed_run_continues_the_checkpointed_ema(tmp_path):
     resumed = run_train([*ARGS, *every_step, "trainer.max_steps=4", "ckpt_path=last"], run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    names = [
-        k.removeprefix("unet.") for k, v in state["state_dict"].items() if k.startswith("unet.")
-    ]
-    ema = dict(zip(names, ema_state["shadow_params"], strict=True))
+    ema = _ema_of_checkpoint(state)
     for n in (3, 4):
         raw = _unet_from_ckpt(run / "checkpoints" / f"step_{n:06d}.ckpt")
         decay = _ema_decay(n)
@@ -122,16 +126,11 @@ def test_a_finished_run_without_export_is_exported_from_its_checkpoint(tmp_path)
     after = json.loads((run / "results.json").read_text())
     assert after["status"] == "ok" and after["steps"] == 3
     assert after["metrics"] == before["metrics"]
-    assert _unet_from_ckpt(run / "checkpoints" / "last.ckpt").keys() == _exported_unet(run).keys()
-    names = [
-        k.removeprefix("unet.") for k, v in state["state_dict"].items() if k.startswith("unet.")
-    ]
-    (ema_state,) = [v for k, v in state["callbacks"].items() if k.startswith("EMACallback")]
-    ema = dict(zip(names, ema_state["shadow_params"], strict=True))
-    unet = _exported_unet(run)
+    unet, raw = _exported_unet(run), _unet_from_ckpt(run / "checkpoints" / "last.ckpt")
+    assert raw.keys() == unet.keys()
+    ema = _ema_of_checkpoint(state)
     for k in ema:
         torch.testing.assert_close(unet[k], ema[k])
-    raw = _unet_from_ckpt(run / "checkpoints" / "last.ckpt")
     assert max((raw[k] - unet[k]).abs().max().item() for k in unet) > 1e-5
     # Loads in stock diffusers.
     from diffusers import StableDiffusionPipeline

@@ -79,14 +79,18 @@ def nothing_to_train(cfg: DictConfig, step: int) -> bool:
     return 0 <= max_steps_of(cfg) <= step
 
 
+def export_folder(cfg: DictConfig, run_dir: Path) -> Path:
+    """export.dir, or <run dir>/export."""
+    folder = OmegaConf.select(cfg, "export.dir", default=None)
+    return Path(folder).expanduser() if folder else Path(run_dir) / "export"
+
+
 def export_missing(run_dir: Path, cfg: DictConfig) -> bool:
     """The run should have an export (export.enabled) and has none: it ran with
     export.enabled=false, or stopped between its last step and the export."""
-    export = OmegaConf.select(cfg, "export", default=None)
-    if not export or not export.get("enabled"):
+    if not OmegaConf.select(cfg, "export.enabled", default=False):
         return False
-    folder = Path(export.get("dir") or run_dir / "export").expanduser()
-    return not (folder / "model_index.json").is_file()
+    return not (export_folder(cfg, run_dir) / "model_index.json").is_file()
 
 
 def last_checkpoint(folder: Path) -> Path | None:

@@ -42,6 +42,7 @@ from t2ilab.resume import settings_changes, settings_of
 from t2ilab.run_folder import (
     check_apart_from_data,
     check_continuation,
+    export_folder,
     finished_run,
     nothing_to_train,
     user_data_dirs,
@@ -83,8 +84,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 def export_dir(cfg: DictConfig) -> Path:
     """export.dir, or <run dir>/export."""
-    folder = cfg.export.get("dir")
-    return Path(folder).expanduser() if folder else Path(cfg.paths.output_dir) / "export"
+    return export_folder(cfg, Path(cfg.paths.output_dir))
 
 
 def check_export_dir(cfg: DictConfig) -> None:
