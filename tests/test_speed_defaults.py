@@ -284,6 +284,51 @@ def test_channels_last_puts_the_unet_convolutions_in_nhwc_and_keeps_the_loss():
     torch.testing.assert_close(losses[True][1], losses[False][1], rtol=1e-4, atol=1e-6)
 
 
+# --- bf16 VAE encodes in fp32 runs ---------------------------------------------------------
+
+
+def test_vae_bf16_encode_runs_the_encoder_in_bf16_and_keeps_fp32_moments_and_the_loss(
+    monkeypatch, caplog
+):
+    from t2ilab import bench
+    from t2ilab.modules import base
+    from t2ilab.modules.step_random import StepRandom
+
+    torch.manual_seed(0)
+    module = bench.build_module(bench.build_components("tiny_sd"), "full")
+    batch = bench.make_batch(module, 2, 64, torch.device("cpu"), cache=False)
+    seen = []
+    module.vae.encoder.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    results = {}
+    for flag in (False, True):
+        module.vae_bf16_encode = flag
+        posterior = module.vae_posterior(batch["pixel_values"])
+        loss, _ = module.diffusion_loss(batch, StepRandom(0, (1,)))
+        results[flag] = (posterior.mean, posterior.std, loss.detach())
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    (mean32, std32, loss32), (mean16, std16, loss16) = results[False], results[True]
+    assert mean16.dtype == std16.dtype == torch.float32
+    assert not torch.equal(mean16, mean32)  # the flag acts...
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(mean16, mean32) < 2e-2 and rel(std16, std32) < 2e-2  # ...within bf16's rounding
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=1e-4)
+
+    monkeypatch.setattr(base, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level("WARNING"):
+        module.configure_model()
+    assert "method.vae_bf16_encode=false" in caplog.text
+
+
+def test_vae_bf16_encode_may_change_on_resume_and_older_checkpoints_trained_without_it():
+    from t2ilab.resume import settings_changes
+
+    assert settings_changes({}, {"method.vae_bf16_encode": False}, "last.ckpt") == {}
+    changed = settings_changes(
+        {"method.vae_bf16_encode": False}, {"method.vae_bf16_encode": True}, "last.ckpt"
+    )
+    assert changed == {"method.vae_bf16_encode": [False, True]}
+
+
 def test_after_fit_the_optimizer_state_and_gradients_are_released():
     from t2ilab.build import release_training_state
 

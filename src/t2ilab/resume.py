@@ -35,12 +35,17 @@ _MAY_CHANGE = (
     "method.gradient_checkpointing",
     "method.compile",
     "method.channels_last",
+    "method.vae_bf16_encode",
     "data.num_workers",
 )
 _FIXED = ("model.", "method.", "noise.", "data.", "subject.")
 # Keys added to the configs after checkpoints were written, with the value that keeps the old
 # behaviour: a checkpoint without the key trained with that value.
-ADDED_SETTINGS: dict[str, Any] = {"data.curriculum_steps": 0, "data.curriculum_floor": 0.0}
+ADDED_SETTINGS: dict[str, Any] = {
+    "data.curriculum_steps": 0,
+    "data.curriculum_floor": 0.0,
+    "method.vae_bf16_encode": False,
+}
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
