@@ -105,3 +105,33 @@ def test_a_copied_export_loads_and_evaluates_without_its_run(toy_lora_run, tmp_p
             assert after[name] == pytest.approx(during[name], abs=1e-4), name
     finally:
         toy_lora_run.with_name("run_moved").rename(toy_lora_run)
+
+
+def test_an_exported_pipeline_keeps_no_folder_it_was_loaded_from(tmp_path):
+    """diffusers writes a loaded model's source folder into its config.json as `_name_or_path`;
+    the export drops it, and stock diffusers still loads the folder."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from omegaconf import OmegaConf
+
+    from t2ilab.models.loading import load_components
+
+    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "toy_sd.yaml")
+    model_cfg = OmegaConf.merge({"paths": {"root_dir": str(ROOT)}}, {"model": model_cfg}).model
+    backbone = load_components(model_cfg)
+    scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
+    backbone.pipeline(scheduler).save_pretrained(tmp_path / "stock")
+    stock = json.loads((tmp_path / "stock" / "unet" / "config.json").read_text())
+    assert "toy_sd" in stock["_name_or_path"]  # what a plain save keeps
+
+    backbone.save_pipeline(tmp_path / "export", scheduler)
+    configs = sorted((tmp_path / "export").glob("*/config.json"))
+    assert [c.parent.name for c in configs] == ["text_encoder", "unet", "vae"]
+    for config_file in configs:
+        config = json.loads(config_file.read_text())
+        assert "_name_or_path" not in config, config_file
+        assert str(ROOT) not in config_file.read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export", safety_checker=None)
+    loaded = pipe.unet.state_dict()
+    for name, weight in backbone.pipeline(scheduler).unet.state_dict().items():
+        assert torch.equal(weight, loaded[name]), name

@@ -13,6 +13,7 @@ reads them from the owner, so a strategy that wraps or moves them (FSDP, device 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,6 +128,7 @@ class Backbone:
 
     def save_pipeline(self, folder: str | Path, scheduler) -> None:
         self.pipeline(scheduler).save_pretrained(folder, safe_serialization=True)
+        forget_load_paths(folder)
 
     def save_lora(
         self,
@@ -142,6 +144,16 @@ class Backbone:
         if any(layers for layers in text_layers):
             raise ValueError(f"{type(self).__name__} saves no text-encoder LoRA")
         save_peft_adapter(folder, denoiser_layers, denoiser_config)
+
+
+def forget_load_paths(folder: str | Path) -> None:
+    """Drop `_name_or_path` from each component's config.json: diffusers records where a model
+    was loaded from and writes it back on save, so an export would carry this machine's folders
+    (the pipeline's model_index.json already drops it)."""
+    for config_file in Path(folder).glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_peft_adapter(
