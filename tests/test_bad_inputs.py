@@ -37,6 +37,10 @@ def _diffusers_less_folder(tmp_path):
 
 CASES = {
     "toy evaluators on a real model": (lambda t: ["model=sd15"], "add eval=dreambooth"),
+    "paper's evaluators on a toy model without torchvision": (
+        lambda t: ["eval=dreambooth"],
+        r"model=toy_sd draws the toy world: score it with eval=toy",
+    ),
     "missing instance folder": (lambda t: [f"data.instance_dir={t / 'nope'}"], "does not exist"),
     "empty instance folder": (
         lambda t: [f"data.instance_dir={_folder_with(t, 'empty')}"],
@@ -170,6 +174,8 @@ def test_bad_input_is_a_user_error_before_weights(
     # Offline at once instead of ~20 s of connection retries (the env var is read at import).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     overrides, match = CASES[case]
+    if case.endswith("without torchvision"):
+        monkeypatch.setattr("t2ilab.validation.lpips_available", lambda: False)
     cfg = make_cfg("experiment=dreambooth", *FAST, *overrides(tmp_path))
     if case == "unknown sampler":
         # Sampler names are checked where they are used; the check runs before any generation.

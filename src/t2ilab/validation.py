@@ -8,6 +8,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from t2ilab.errors import UserError
+from t2ilab.metrics.lpips import lpips_available
 from t2ilab.models.families import family_of
 from t2ilab.models.loading import vae_scale_factor
 
@@ -27,7 +28,10 @@ def check_eval_matches_model(cfg: DictConfig) -> None:
     """The toy evaluators have only seen the toy world: their numbers on a real model's images
     would look like metrics and mean nothing."""
     evaluation = cfg.get("eval") or {}
-    if not evaluation.get("enabled", False) or not evaluation.get("toy_world", False):
+    if not evaluation.get("enabled", False):
+        return
+    if not evaluation.get("toy_world", False):
+        check_real_evaluators_on_toy_model(cfg, evaluation)
         return
     if evaluation.get("evaluators") == "tiny_random":  # scale/tiny_sd: pipeline checks only
         return
@@ -37,6 +41,19 @@ def check_eval_matches_model(cfg: DictConfig) -> None:
             f"{cfg.model.name}: add eval=dreambooth (the paper's DINO and CLIP)"
         )
 
+
+
+def check_real_evaluators_on_toy_model(cfg: DictConfig, evaluation) -> None:
+    """A toy model under the paper's evaluators (eval=dreambooth, the default) on a machine
+    without torchvision: LPIPS would stop the run, and the toy evaluators are the ones made for
+    these images, so the line names them first."""
+    if cfg.model.get("toy_world", False) and evaluation.get("div_distance") == "lpips":
+        if not lpips_available():
+            raise UserError(
+                f"model={cfg.model.name} draws the toy world: score it with eval=toy (the shipped "
+                "toy evaluators); eval=dreambooth's LPIPS needs torchvision "
+                "(pip install -e '.[gpu]')"
+            )
 
 def check_alignment_matches_model(cfg: DictConfig) -> None:
     """eval=toy_alignment reads toy-world colours and shapes from the pixels; a real model's
