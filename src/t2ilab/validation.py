@@ -42,7 +42,6 @@ def check_eval_matches_model(cfg: DictConfig) -> None:
         )
 
 
-
 def check_real_evaluators_on_toy_model(cfg: DictConfig, evaluation) -> None:
     """A toy model under the paper's evaluators (eval=dreambooth, the default) on a machine
     without torchvision: LPIPS would stop the run, and the toy evaluators are the ones made for
@@ -54,6 +53,7 @@ def check_real_evaluators_on_toy_model(cfg: DictConfig, evaluation) -> None:
                 "toy evaluators); eval=dreambooth's LPIPS needs torchvision "
                 "(pip install -e '.[gpu]')"
             )
+
 
 def check_alignment_matches_model(cfg: DictConfig) -> None:
     """eval=toy_alignment reads toy-world colours and shapes from the pixels; a real model's
