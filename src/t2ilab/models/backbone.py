@@ -147,10 +147,11 @@ class Backbone:
 
 
 def forget_load_paths(folder: str | Path) -> None:
-    """Drop `_name_or_path` from each component's config.json: diffusers records where a model
-    was loaded from and writes it back on save, so an export would carry this machine's folders
-    (the pipeline's model_index.json already drops it)."""
-    for config_file in Path(folder).glob("*/config.json"):
+    """Drop `_name_or_path` from the config.json of a saved model or of each component of a
+    saved pipeline: diffusers records where a model was loaded from and writes it back on save,
+    so an export would carry this machine's folders (model_index.json already drops it)."""
+    folder = Path(folder)
+    for config_file in [*folder.glob("config.json"), *folder.glob("*/config.json")]:
         config = json.loads(config_file.read_text())
         if config.pop("_name_or_path", None) is not None:
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -25,6 +25,7 @@ from t2ilab.metrics.embedders import (
     IMAGENET_STD,
     image_embedding,
 )
+from t2ilab.models.backbone import forget_load_paths
 from t2ilab.toy import quality
 from t2ilab.toy.models import build_clip, build_dino, build_vae
 from t2ilab.toy.streams import (
@@ -256,9 +257,7 @@ class VaeDecoderFinetune(VaeTraining):
     def export(self, folder: Path) -> None:
         """The diffusers folder with the base's scaling factor (same encoder, same latents)."""
         self.vae.eval().save_pretrained(folder, safe_serialization=True)
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("_name_or_path", None)  # where the base was loaded from, on this machine
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        forget_load_paths(folder)  # where the base was loaded from, on this machine
         if self.base_training:
             (folder / "base_training.json").write_text(json.dumps(self.base_training, indent=2))
 
