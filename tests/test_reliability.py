@@ -220,6 +220,20 @@ def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(tmp_path):
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
+def test_a_resume_with_another_checkpoint_interval_resumes_into_its_last_checkpoint(tmp_path):
+    """The interval is part of ModelCheckpoint's state key, so a resume that changes it (a
+    setting that may change on resume) gets none of the checkpoint's callback state: last.ckpt
+    must still be replaced, not left behind a new last-v1.ckpt."""
+    folder = tmp_path / "checkpoints"
+    tiny_trainer(tmp_path, [step_checkpoints_in(folder, every=2)], max_steps=4).fit(TinyModule())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
+        trainer = tiny_trainer(tmp_path, [step_checkpoints_in(folder, every=3)], max_steps=6)
+        trainer.fit(TinyModule(), ckpt_path=str(folder / "last.ckpt"))
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
 def test_default_config_keeps_one_step_checkpoint_and_stops_on_nan():
     cfg = OmegaConf.load(ROOT / "conf/callbacks/default.yaml")
     ckpt = cfg.model_checkpoint

@@ -141,6 +141,10 @@ class KeepLastCheckpoint(ModelCheckpoint):
         import warnings
 
         super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path:
+            # A resume that changed the checkpoint interval (part of Lightning's state key)
+            # restored none of this callback's state: load_state_dict never ran.
+            self._adopt_last_checkpoint()
         resuming_here = self._resumes_from_dirpath(trainer)
         for w in self._held_warnings:
             if resuming_here and self.DIR_NOT_EMPTY in str(w.message):
@@ -150,6 +154,9 @@ class KeepLastCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._adopt_last_checkpoint()
+
+    def _adopt_last_checkpoint(self) -> None:
         # Lightning restores last_model_path only for the folder the checkpoint was written in.
         # After the run folder moved (or was copied), save_last would then write last-v1.ckpt
         # beside the old last.ckpt, and the next ckpt_path=last would resume the old one. The
