@@ -200,6 +200,40 @@ def test_a_finished_stage_is_not_run_again(stages):
     assert (stages / "stage1" / "results.json").read_text() == before
 
 
+@pytest.mark.slow
+def test_a_stage_stopped_before_its_scores_is_scored_and_exported_on_resume(stages, tmp_path):
+    """A run killed after its last checkpoint but before its end-of-training score and export
+    (what a stop between two stages of the recipe can hit): resuming it trains nothing, and
+    Lightning then skips on_train_end, so train.py scores it itself. The score must be the one
+    the uninterrupted run gave: the same checkpoint, EMA and scenes."""
+    import shutil
+
+    finished = json.loads((stages / "stage1" / "results.json").read_text())
+    run = tmp_path / "stage1"
+    shutil.copytree(stages / "stage1", run)
+    shutil.rmtree(run / "export")
+    (run / "samples" / "alignment.png").unlink()
+    killed = {**finished, "status": "failed", "reason": "killed", "metrics": {}}
+    (run / "results.json").write_text(json.dumps(killed))
+
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=toy_pixart_stage1", *FAST]
+        + [f"hydra.run.dir={run}", "ckpt_path=last"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to train, the export only" in (run / "train.log").read_text()
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["status"] == "ok"
+    assert resumed["metrics"]["shape_acc"] == finished["metrics"]["shape_acc"]
+    assert (run / "samples" / "alignment.png").is_file()
+    assert (run / "export" / "model_index.json").is_file()
+
+
 @pytest.mark.parametrize("kind", ["clip", "byt5"])
 def test_attention_mask_from_ids_is_the_tokenizers(kind):
     tokenizer = (

@@ -208,7 +208,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {}
     if export_only:  # no step and no end-of-training evaluation ran: the run's scores stand
-        metrics.update((finished_run(Path(cfg.paths.output_dir)) or {}).get("metrics") or {})
+        recorded = (finished_run(Path(cfg.paths.output_dir)) or {}).get("metrics") or {}
+        metrics.update(recorded)
+        if not recorded:  # it stopped after its last checkpoint, before it was scored
+            score_at_end(trainer, module)
     if "train/loss" in trainer.callback_metrics:
         metrics["train_loss"] = float(trainer.callback_metrics["train/loss"])
     if evaluation is not None:
@@ -234,6 +237,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "resumes": resume.history,
         "segments": segments.segments(trainer.global_step),
     }
+
+
+def score_at_end(trainer: L.Trainer, module) -> None:
+    """The end-of-training scores of a run whose last step is in its checkpoint: Lightning
+    skips `on_train_end` when there is nothing to train, so the scoring callbacks (those that
+    keep `last_metrics`) run here, on the device training used; fit's teardown left the module
+    on the CPU, and there it goes back for the export, as after any fit."""
+    scorers = [c for c in trainer.callbacks if hasattr(c, "last_metrics")]
+    if not scorers or not trainer.is_global_zero:
+        return
+    module.to(trainer.strategy.root_device)
+    try:
+        for callback in scorers:
+            callback.on_train_end(trainer, module)
+    finally:
+        module.cpu()
 
 
 @dataclass
