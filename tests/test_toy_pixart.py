@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from _support import ROOT
+from _support import ROOT, run_train
 from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from omegaconf import OmegaConf
 from PIL import Image
@@ -206,8 +207,6 @@ def test_a_stage_stopped_before_its_scores_is_scored_and_exported_on_resume(stag
     (what a stop between two stages of the recipe can hit): resuming it trains nothing, and
     Lightning then skips on_train_end, so train.py scores it itself. The score must be the one
     the uninterrupted run gave: the same checkpoint, EMA and scenes."""
-    import shutil
-
     finished = json.loads((stages / "stage1" / "results.json").read_text())
     run = tmp_path / "stage1"
     shutil.copytree(stages / "stage1", run)
@@ -216,14 +215,11 @@ def test_a_stage_stopped_before_its_scores_is_scored_and_exported_on_resume(stag
     killed = {**finished, "status": "failed", "reason": "killed", "metrics": {}}
     (run / "results.json").write_text(json.dumps(killed))
 
-    proc = subprocess.run(
-        [sys.executable, "train.py", "experiment=toy_pixart_stage1", *FAST]
-        + [f"hydra.run.dir={run}", "ckpt_path=last"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_train(
+        ["experiment=toy_pixart_stage1", *FAST, "ckpt_path=last"],
+        run,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        env={"OMP_NUM_THREADS": "2"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to train, the export only" in (run / "train.log").read_text()
