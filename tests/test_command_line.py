@@ -271,6 +271,7 @@ def test_a_key_added_since_the_checkpoint_is_no_change_at_its_old_behaviour():
     assert settings_changes(trained, {"data.seed": 0}, "x") == {}  # other data: no such key
     with pytest.raises(UserError, match=r"data.curriculum_steps=0 \(now 100\)"):
         settings_changes(trained, {"data.seed": 0, "data.curriculum_steps": 100}, "x")
+    assert settings_changes(trained, {"data.seed": 0, "data.shape_weights": None}, "x") == {}
 
 
 def test_a_run_of_a_moved_project_resumes_and_other_paths_are_still_refused(tmp_path):

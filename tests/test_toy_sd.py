@@ -152,6 +152,43 @@ def test_a_curriculum_floor_keeps_a_share_of_large_centred_objects(tokenizer):
         ToyWorldDataModule(curriculum_floor=1.5).check()
 
 
+def test_shape_weights_draw_a_shape_more_often_and_keep_the_rest_of_each_scene():
+    """data.shape_weights {hexagon: 3}: hexagons are 3 of every 10 draws (8 shapes, the other
+    seven weigh 1), each scene's colours, size and pose stay its own draw, labels follow the
+    redrawn shape, and without weights every scene is the world's own."""
+    import dataclasses
+
+    from t2ilab.toy.datamodules import ToyWorldClassDataModule
+    from t2ilab.toy.world import SHAPES
+
+    dm = ToyWorldClassDataModule(size=4000, shape_weights={"hexagon": 3})
+    dm.check()
+    dm.setup()
+    draws = range(4000)
+    scenes = [dm.dataset.scene(d) for d in draws]
+    share = sum(s.shape == "hexagon" for s in scenes) / len(scenes)
+    assert abs(share - 0.3) < 0.025, share  # 3/10; 0.125 unweighted; standard error 0.007
+    others = [sum(s.shape == shape for s in scenes) / len(scenes) for shape in SHAPES[:-1]]
+    assert SHAPES[-1] == "hexagon" and all(abs(o - 0.1) < 0.02 for o in others), others
+    for d, scene in zip(draws, scenes, strict=True):
+        assert dataclasses.replace(scene_at(0, d), shape=scene.shape) == scene
+    item = dm.dataset[7]
+    assert SHAPES[int(item["class_labels"])] == scenes[7].shape
+
+    plain = ToyWorldClassDataModule(size=100)
+    plain.setup()
+    assert all(plain.dataset.scene(d) == scene_at(0, d) for d in range(100))
+
+    for bad, says in [
+        ({"blob": 2}, "data.shape_weights names \\['blob'\\]"),
+        ({"hexagon": -1}, "0 or more"),
+        ({"hexagon": "many"}, "0 or more"),
+        ({s: 0 for s in SHAPES}, "at least one shape above 0"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            ToyWorldClassDataModule(shape_weights=bad).check()
+
+
 def test_a_new_unet_over_pretrained_parts_from_folders(tmp_path, tokenizer):
     """model.components: VAE and text encoder load from folders, the UNet is built."""
     from diffusers import AutoencoderKL

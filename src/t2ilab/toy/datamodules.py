@@ -46,7 +46,11 @@ class ToyWorldScenes(Dataset):
     1 - d / N (its shape, colours, pattern, background and caption words stay the scene's own),
     so training starts on the objects whose outline is easiest to see and reaches the whole
     world at draw N. `curriculum_floor` f keeps that probability at f or above for good: a model
-    that moves on to the whole world keeps practising the large outlines it learned first."""
+    that moves on to the whole world keeps practising the large outlines it learned first.
+
+    `shape_weights` (shape -> relative weight; unlisted shapes weigh 1) redraws each scene's
+    shape in those proportions, from a stream of its own, so the rest of the scene is the same
+    draw as without it: more practice for a shape a model is slow to learn."""
 
     def __init__(
         self,
@@ -56,17 +60,24 @@ class ToyWorldScenes(Dataset):
         shapes: tuple[str, ...] = SHAPES,
         curriculum_draws: int = 0,
         curriculum_floor: float = 0.0,
+        shape_weights: dict[str, float] | None = None,
     ):
         self.size, self.seed, self.resolution = int(size), int(seed), resolution
         self.shapes = tuple(shapes)
         self.curriculum_draws = int(curriculum_draws)
         self.curriculum_floor = float(curriculum_floor)
+        weights = dict(shape_weights or {})
+        self.shape_weights = [float(weights.get(s, 1.0)) for s in self.shapes] if weights else None
 
     def __len__(self) -> int:
         return self.size
 
     def scene(self, draw: int):
         scene = scene_at(self.seed, draw, shapes=self.shapes)
+        if self.shape_weights is not None:
+            rng = random.Random(f"{self.seed}/{draw}/shape")
+            shape = rng.choices(self.shapes, weights=self.shape_weights)[0]
+            scene = dataclasses.replace(scene, shape=shape)
         easy_share = 1.0 - draw / self.curriculum_draws if self.curriculum_draws > 0 else 0.0
         easy_share = max(easy_share, self.curriculum_floor)
         # A stream of its own, so that the curriculum does not move the caption choices.
@@ -94,8 +105,11 @@ class ToyWorldTextImages(ToyWorldScenes):
         shapes: tuple[str, ...] = SHAPES,
         curriculum_draws: int = 0,
         curriculum_floor: float = 0.0,
+        shape_weights: dict[str, float] | None = None,
     ):
-        super().__init__(size, seed, resolution, shapes, curriculum_draws, curriculum_floor)
+        super().__init__(
+            size, seed, resolution, shapes, curriculum_draws, curriculum_floor, shape_weights
+        )
         self.tokenizer, self.caption, self.caption_dropout = tokenizer, caption, caption_dropout
         self.empty_ids = tokenize(tokenizer, "")
 
@@ -152,6 +166,7 @@ class ToyWorldDataModule(T2IDataModule):
         shapes: list[str] | None = None,
         curriculum_steps: int = 0,
         curriculum_floor: float = 0.0,
+        shape_weights: dict[str, float] | None = None,
         cache: dict | None = None,  # no caching: check() refuses data.cache.latents/text=true
         **_ignored,
     ):
@@ -162,6 +177,7 @@ class ToyWorldDataModule(T2IDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self._validation_prompts = list(validation_prompts or [])
         self.shapes = tuple(shapes) if shapes else SHAPES
+        self.shape_weights = dict(shape_weights) if shape_weights else None
         self.dataset: ToyWorldTextImages | None = None
 
     def check(self) -> None:
@@ -187,6 +203,26 @@ class ToyWorldDataModule(T2IDataModule):
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise UserError(f"data.shapes: unknown {unknown}; the toy world has {list(SHAPES)}")
+        self._check_shape_weights()
+
+    def _check_shape_weights(self) -> None:
+        if not self.shape_weights:
+            return
+        unknown = [s for s in self.shape_weights if s not in self.shapes]
+        if unknown:
+            raise UserError(
+                f"data.shape_weights names {unknown}, which this run does not draw; use shapes "
+                f"of {list(self.shapes)}"
+            )
+        try:
+            weights = {s: float(self.shape_weights.get(s, 1.0)) for s in self.shapes}
+        except (TypeError, ValueError):
+            weights = {"": -1.0}  # not numbers: the message below names the fix
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise UserError(
+                f"data.shape_weights={self.shape_weights}: weights are relative draw counts, "
+                "0 or more, with at least one shape above 0 (unlisted shapes weigh 1)"
+            )
 
     def validation_prompts(self) -> list[str]:
         return self._validation_prompts
@@ -204,6 +240,7 @@ class ToyWorldDataModule(T2IDataModule):
             self.shapes,
             self.curriculum_draws,
             float(self.curriculum_floor),
+            self.shape_weights,
         )
 
     @property
@@ -243,4 +280,5 @@ class ToyWorldClassDataModule(ToyWorldDataModule):
             self.shapes,
             self.curriculum_draws,
             float(self.curriculum_floor),
+            self.shape_weights,
         )
