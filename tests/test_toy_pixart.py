@@ -89,7 +89,24 @@ def test_alignment_cli_scores_an_export(stages, stage, tmp_path):
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     colours = {"background_acc", "object_color_acc"} if stage > 1 else set()
     assert set(metrics) == {"shape_acc", *colours}
+    if stage == 1:  # a class-conditional DiT: what each shape was drawn as
+        rows = proc.stdout.split("drawn as asked, by shape:\n")[1].splitlines()[:-1]
+        right = sum(int(row.split()[1].split("/")[0]) for row in rows)
+        assert sum(int(row.split()[1].split("/")[1]) for row in rows) == 8
+        assert right == round(8 * metrics["shape_acc"])
     assert Image.open(grid).size[0] == 8 * 64  # 8 images of 64 px a row
+
+
+def test_shape_breakdown_counts_each_shape_and_what_its_misses_were_drawn_as():
+    from t2ilab.toy.alignment import shape_breakdown
+
+    asked = ["circle", "hexagon", "hexagon", "hexagon", "square"]
+    read = ["circle", "circle", "hexagon", None, "circle"]
+    assert shape_breakdown(asked, read).splitlines() == [
+        "  circle      1/1",
+        "  square      0/1  (drawn as circle 1)",
+        "  hexagon     1/3  (drawn as circle 1, None 1)",
+    ]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,31 @@ def class_conditional_images(
     )
 
 
+def read_shapes(images: list[Image.Image]) -> list[str | None]:
+    """The shape each image shows, when nothing names the colours (`quality.read_shape_unnamed`)."""
+    return [quality.read_shape_unnamed(image) for image in images]
+
+
 def class_shape_accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:
-    """Shape accuracy when nothing names the colours (`quality.read_shape_unnamed`)."""
-    shapes = [quality.read_shape_unnamed(image) for image in images]
+    shapes = read_shapes(images)
     return {
         "shape_acc": float(np.mean([r == s.shape for r, s in zip(shapes, scenes, strict=True)]))
     }
+
+
+def shape_breakdown(asked: list[str], read: list[str | None]) -> str:
+    """One line per shape asked for: how many came out as asked, and what the misses were
+    drawn as, most often first (a class a model has not learned shows here, not in the mean)."""
+    lines = []
+    for shape in [s for s in SHAPES if s in asked]:
+        got = [r for a, r in zip(asked, read, strict=True) if a == shape]
+        misses = Counter(str(r) for r in got if r != shape).most_common()
+        missed = ", ".join(f"{m} {k}" for m, k in misses)
+        lines.append(
+            f"  {shape:<8} {got.count(shape):>4}/{len(got)}"
+            + (f"  (drawn as {missed})" if misses else "")
+        )
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -157,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics, images, labels = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
     if args.grid:
         save_grid(images, labels, args.grid)
+    if is_class_conditional(pipe):  # labels are the shapes asked for
+        print("drawn as asked, by shape:\n" + shape_breakdown(labels, read_shapes(images)))
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
