@@ -158,11 +158,13 @@ def test_shape_weights_draw_a_shape_more_often_and_keep_the_rest_of_each_scene()
     redrawn shape, and without weights every scene is the world's own."""
     import dataclasses
 
+    from omegaconf import OmegaConf
+
     from t2ilab.toy.datamodules import ToyWorldClassDataModule
     from t2ilab.toy.world import SHAPES
 
-    dm = ToyWorldClassDataModule(size=4000, shape_weights={"hexagon": 3})
-    dm.check()
+    dm = ToyWorldClassDataModule(size=4000, shape_weights=OmegaConf.create({"hexagon": 3}))
+    dm.check()  # as Hydra passes it
     dm.setup()
     draws = range(4000)
     scenes = [dm.dataset.scene(d) for d in draws]
@@ -184,6 +186,8 @@ def test_shape_weights_draw_a_shape_more_often_and_keep_the_rest_of_each_scene()
         ({"hexagon": -1}, "0 or more"),
         ({"hexagon": "many"}, "0 or more"),
         ({s: 0 for s in SHAPES}, "at least one shape above 0"),
+        (3, "give shapes and their weights"),
+        (["hexagon"], "give shapes and their weights"),
     ]:
         with pytest.raises(UserError, match=says):
             ToyWorldClassDataModule(shape_weights=bad).check()

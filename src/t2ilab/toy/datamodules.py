@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -177,7 +178,7 @@ class ToyWorldDataModule(T2IDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self._validation_prompts = list(validation_prompts or [])
         self.shapes = tuple(shapes) if shapes else SHAPES
-        self.shape_weights = dict(shape_weights) if shape_weights else None
+        self.shape_weights = shape_weights  # checked in check(): a mapping of shape -> weight
         self.dataset: ToyWorldTextImages | None = None
 
     def check(self) -> None:
@@ -206,22 +207,26 @@ class ToyWorldDataModule(T2IDataModule):
         self._check_shape_weights()
 
     def _check_shape_weights(self) -> None:
-        if not self.shape_weights:
+        weights = self.shape_weights
+        if weights is None:
             return
-        unknown = [s for s in self.shape_weights if s not in self.shapes]
+        if not isinstance(weights, Mapping):
+            raise UserError(
+                f"data.shape_weights={weights}: give shapes and their weights, e.g. "
+                "'data.shape_weights={hexagon: 3}' (unlisted shapes weigh 1)"
+            )
+        unknown = [s for s in weights if s not in self.shapes]
         if unknown:
             raise UserError(
                 f"data.shape_weights names {unknown}, which this run does not draw; use shapes "
                 f"of {list(self.shapes)}"
             )
-        try:
-            weights = {s: float(self.shape_weights.get(s, 1.0)) for s in self.shapes}
-        except (TypeError, ValueError):
-            weights = {"": -1.0}  # not numbers: the message below names the fix
-        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        values = [weights.get(s, 1.0) for s in self.shapes]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if not numbers or min(values) < 0 or max(values) <= 0:
             raise UserError(
-                f"data.shape_weights={self.shape_weights}: weights are relative draw counts, "
-                "0 or more, with at least one shape above 0 (unlisted shapes weigh 1)"
+                f"data.shape_weights={dict(weights)}: weights are relative draw counts, 0 or "
+                "more, with at least one shape above 0 (unlisted shapes weigh 1)"
             )
 
     def validation_prompts(self) -> list[str]:
