@@ -272,6 +272,9 @@ def test_a_key_added_since_the_checkpoint_is_no_change_at_its_old_behaviour():
     with pytest.raises(UserError, match=r"data.curriculum_steps=0 \(now 100\)"):
         settings_changes(trained, {"data.seed": 0, "data.curriculum_steps": 100}, "x")
     assert settings_changes(trained, {"data.seed": 0, "data.shape_weights": None}, "x") == {}
+    # A key without an entry here: a checkpoint without it trained as its null default.
+    with pytest.raises(UserError, match=r"data.shape_weights=None"):
+        settings_changes(trained, {"data.seed": 0, "data.shape_weights": {"hexagon": 3}}, "x")
 
 
 def test_a_run_of_a_moved_project_resumes_and_other_paths_are_still_refused(tmp_path):

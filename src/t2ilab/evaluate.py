@@ -223,7 +223,7 @@ def run_toy_alignment(cfg, pipe, scheduler_config, loggers) -> dict[str, float]:
 
     alignment = OmegaConf.to_container(cfg.eval.toy_alignment, resolve=True)
     use_sampler(pipe, alignment["scheduler"], scheduler_config)
-    metrics, images, labels = score_pipeline(
+    metrics, images, labels, _ = score_pipeline(
         pipe,
         n=int(alignment["n"]),
         seed=int(alignment["seed"]),

@@ -44,7 +44,6 @@ _FIXED = ("model.", "method.", "noise.", "data.", "subject.")
 ADDED_SETTINGS: dict[str, Any] = {
     "data.curriculum_steps": 0,
     "data.curriculum_floor": 0.0,
-    "data.shape_weights": None,
     "method.vae_bf16_encode": False,
 }
 

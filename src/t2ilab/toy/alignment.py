@@ -18,7 +18,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -56,11 +56,8 @@ def read_shapes(images: list[Image.Image]) -> list[str | None]:
     return [quality.read_shape_unnamed(image) for image in images]
 
 
-def class_shape_accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:
-    shapes = read_shapes(images)
-    return {
-        "shape_acc": float(np.mean([r == s.shape for r, s in zip(shapes, scenes, strict=True)]))
-    }
+def class_shape_accuracy(asked: list[str], read: list[str | None]) -> dict[str, float]:
+    return {"shape_acc": float(np.mean([r == a for r, a in zip(read, asked, strict=True)]))}
 
 
 def shape_breakdown(asked: list[str], read: list[str | None]) -> str:
@@ -78,24 +75,35 @@ def shape_breakdown(asked: list[str], read: list[str | None]) -> str:
     return "\n".join(lines)
 
 
+class AlignmentScore(NamedTuple):
+    metrics: dict[str, float]
+    images: list[Image.Image]
+    labels: list[str]  # a short label of what each image was asked for
+    read: list[str | None] | None = None  # a DiT's shapes as read from its images
+
+
 @torch.no_grad()
 def score_pipeline(
     pipe, n: int = 64, seed: int = quality.EVAL_SEED, steps: int = 25, guidance: float = 4.0
-) -> tuple[dict[str, float], list[Image.Image], list[str]]:
-    """(metrics, images, a short label of what each image was asked for) for a toy pipeline:
-    the shape label for a class-conditional DiT, "<colour> <shape> / on <background>" (the
-    attributes the dense caption names and the score reads) for a text-to-image pipeline."""
+) -> AlignmentScore:
+    """The metrics and images of a toy pipeline. Labels: the shape label for a
+    class-conditional DiT (whose shapes as read come along, for `shape_breakdown`),
+    "<colour> <shape> / on <background>" (the attributes the dense caption names and the
+    score reads) for a text-to-image pipeline."""
     scenes = quality.sd_color_scenes(seed, n)
     if is_class_conditional(pipe):
         images = class_conditional_images(pipe, scenes, seed, steps, guidance)
-        return class_shape_accuracy(scenes, images), images, [s.shape for s in scenes]
+        asked, read = [s.shape for s in scenes], read_shapes(images)
+        return AlignmentScore(class_shape_accuracy(asked, read), images, asked, read)
     images = quality.prompt_following_images(pipe, scenes, seed, steps, guidance)
     scores = quality.prompt_following(scenes, images)
     # The render_* checks must be 1.0; only the model's own scores are reported.
     if min(v for k, v in scores.items() if k.startswith("render_")) < 1.0:
         log.warning("toy alignment: the pixel readers miss on renders: %s", scores)
     metrics = {k: v for k, v in scores.items() if not k.startswith("render_")}
-    return metrics, images, [f"{s.color} {s.shape}\non {s.background}" for s in scenes]
+    return AlignmentScore(
+        metrics, images, [f"{s.color} {s.shape}\non {s.background}" for s in scenes]
+    )
 
 
 def save_grid(images: list[Image.Image], labels: list[str], path: Path, shown: int = 16) -> Path:
@@ -120,7 +128,7 @@ def evaluate_alignment(module, alignment_cfg: dict[str, Any], output_dir: Path, 
             alignment_cfg["scheduler"],
             module.objective.inference_config(),
         )
-        metrics, images, labels = score_pipeline(
+        metrics, images, labels, _ = score_pipeline(
             module.pipeline(sampler).to(device),
             n=int(alignment_cfg["n"]),
             seed=int(alignment_cfg["seed"]),
@@ -174,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe = DiffusionPipeline.from_pretrained(args.export)
     pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "clip_sample": False})
     pipe.set_progress_bar_config(disable=True)
-    metrics, images, labels = score_pipeline(pipe, args.n, args.seed, args.steps, args.guidance)
+    metrics, images, labels, read = score_pipeline(
+        pipe, args.n, args.seed, args.steps, args.guidance
+    )
     if args.grid:
         save_grid(images, labels, args.grid)
-    if is_class_conditional(pipe):  # labels are the shapes asked for
-        print("drawn as asked, by shape:\n" + shape_breakdown(labels, read_shapes(images)))
+    if read is not None:  # a class-conditional DiT: labels are the shapes asked for
+        print("drawn as asked, by shape:\n" + shape_breakdown(labels, read))
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
