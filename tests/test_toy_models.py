@@ -483,12 +483,13 @@ def test_toy_pixart_follows_the_colours_and_shapes_of_a_prompt(toy_pixart):
     renders."""
     metrics = quality.sd_quality(toy_pixart, SEED, n=32)
     assert min(v for k, v in metrics.items() if k.startswith("render_")) == 1.0
-    # chance 1/11, 1/11, 1/8; measured on this seed: background 1.0, object 1.0, shape 0.59
-    # (on seed 1000, 128 prompts: see experiments/toy_world/README.md). Issue 16's figure for
-    # toy_pixart is shape >= 0.5.
+    # chance 1/11, 1/11, 1/8; measured on this seed: background 0.97, object 1.0, shape 0.78
+    # (25 of 32; on 128 prompts of two seeds: experiments/toy_world/README.md). Issue 16's
+    # figure for toy_pixart is shape >= 0.5; the floor here keeps the shipped model's own
+    # level, with room for four images that another CPU's arithmetic draws differently.
     assert metrics["background_acc"] >= 0.9, metrics
     assert metrics["object_color_acc"] >= 0.9, metrics
-    assert metrics["shape_acc"] >= 0.5, metrics
+    assert metrics["shape_acc"] >= 0.65, metrics
 
 
 # --- toy_flux --------------------------------------------------------------------------------
