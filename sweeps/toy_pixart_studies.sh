@@ -12,7 +12,7 @@
 # stage 1's final lr decay (method.module.lr_scheduler.num_decay_steps; the recipe's 3000 when
 # unset); SCRATCH_STEPS the scratch run's steps (STAGE1_STEPS + TEXT_STEPS: equal compute).
 # STAGE1_FROM=DIR shares one finished stage-1 run (or its export) across every seed instead of
-# training one per seed: the 25,000-step recipe costs about 1.5 h a run on 2 CPU threads.
+# training one per seed: the 25,000-step recipe costs about 1.7 h a run on 2 CPU threads.
 # ARMS picks the runs (default "stage2 stage2_class scratch"; stage1 is trained when needed):
 # after a new stage 1, ARMS="stage2 stage2_class" reruns only the arms that start from it.
 # Each run ends with eval=toy_alignment (colours and shape read from the pixels). A run whose
