@@ -12,6 +12,8 @@ import pytest
 from _support import ROOT
 
 SCRIPT = ROOT / "sweeps" / "toy_pixart_studies.sh"
+# the script's own settings: a value left in the caller's shell must not steer these tests
+SETTINGS = ("ARMS", "STAGE1_FROM", "STAGE1_STEPS", "STAGE1_DECAY", "TEXT_STEPS", "SCRATCH_STEPS")
 
 
 def _sweep(tmp_path, *seeds, **env):
@@ -26,7 +28,11 @@ def _sweep(tmp_path, *seeds, **env):
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **env, "PATH": f"{shim.parent}:{os.environ['PATH']}"},
+        env={
+            **{k: v for k, v in os.environ.items() if k not in SETTINGS},
+            **env,
+            "PATH": f"{shim.parent}:{os.environ['PATH']}",
+        },
     )
     runs = []
     if calls.exists():
