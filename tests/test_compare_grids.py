@@ -75,3 +75,27 @@ def test_labels_name_the_factors_or_leave_the_names_to_the_title(tmp_path):
     labels, note = _panel_labels(draw, names, values, 60)
     assert labels == ["SA_in, FFN_in", "CA_in, Trans_out"]
     assert note == "; labels: input_position, output_position"
+
+
+def test_path_factors_show_the_trailing_parts_that_tell_runs_apart():
+    from t2ilab.analysis.compare_grids import short_paths
+
+    runs = ["/work/a/.keep/pixart_ln/stage1", "/work/a/.keep/studies/0/stage1", "-"]
+    assert short_paths(runs) == ["pixart_ln/stage1", "0/stage1", "-"]
+    assert short_paths(["/x/one/", "/x/two"]) == ["one", "two"]
+    assert short_paths(["SA_in", 0.001, True]) == ["SA_in", 0.001, True]
+    assert short_paths(["/same/path", "/same/path"]) == ["path", "path"]
+
+
+def test_panel_labels_do_not_print_absolute_paths(tmp_path, monkeypatch):
+    from t2ilab.analysis import compare_grids as module
+
+    seen = []
+    real = module._panel_labels
+    monkeypatch.setattr(
+        module, "_panel_labels", lambda d, n, v, w: seen.append(v) or real(d, n, v, w)
+    )
+    _run(tmp_path / "0", {"model.init_from": "/very/long/root/run_a/stage1", "seed": 0}, {1: "red"})
+    _run(tmp_path / "1", {"model.init_from": "/very/long/root/run_b/stage1", "seed": 0}, {1: "red"})
+    module.compare_grids(tmp_path)
+    assert seen == [[["run_a/stage1"], ["run_b/stage1"]]]

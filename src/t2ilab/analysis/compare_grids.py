@@ -115,6 +115,20 @@ def _panel_labels(
     return [", ".join(map(str, row)) for row in values], f"; labels: {', '.join(names)}"
 
 
+def short_paths(values: list) -> list:
+    """Path-valued factors (e.g. `model.init_from`) as the fewest trailing parts that still tell
+    the runs apart: a panel label shows `pixart_ln/stage1`, not the whole absolute path."""
+    paths = [v for v in values if isinstance(v, str) and "/" in v]
+    if not paths:
+        return values
+    parts = {v: v.rstrip("/").split("/") for v in paths}
+    for keep in range(1, max(map(len, parts.values())) + 1):
+        short = {v: "/".join(p[-keep:]) for v, p in parts.items()}
+        if len(set(short.values())) == len(parts):
+            break
+    return [short.get(v, v) if isinstance(v, str) else v for v in values]
+
+
 def _open_grid(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
@@ -147,6 +161,8 @@ def compare_grids(sweep: Path, where: dict[str, str] | None = None) -> Image.Ima
             f"{summary(all_runs)}): the samples callback writes one at the end of each run "
             "that finishes; keep callbacks.samples on, or pick runs that finished"
         )
+    columns = [short_paths(list(column)) for column in zip(*values, strict=True)]
+    values = [list(row) for row in zip(*columns, strict=True)]
     width, height = panels[0][1].size
     if any(panel.size != (width, height) for _, panel in panels):
         raise UserError(f"{root}: the runs' sample grids differ in size: compare one sweep")
